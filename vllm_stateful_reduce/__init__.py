@@ -1,0 +1,27 @@
+"""vLLM plugin: stateful, query-conditioned token reduction for long-video hybrid VLMs.
+
+vLLM calls `register()` (entry point group `vllm.general_plugins`, name
+`stateful_reduce`) in every process it starts: front end, engine core, workers.
+"""
+
+ARCHITECTURE = "NemotronH_Nano_VL_V2_StatefulReduce"
+
+_registered = False
+
+
+def register() -> None:
+    """Register the architecture, its config hook and the HF config class. Idempotent."""
+    global _registered
+    if _registered:
+        return
+    from vllm import ModelRegistry
+
+    from .vllm_compat import install_config_hook, register_hf_config
+
+    register_hf_config()
+    install_config_hook(ARCHITECTURE)
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(
+            ARCHITECTURE, "vllm_stateful_reduce.model.nano_vl:NemotronNanoVLStatefulReduce"
+        )
+    _registered = True

@@ -1,0 +1,220 @@
+"""Build small Nemotron Nano VL v2 checkpoints in the real layout (random weights).
+
+The tensor names, shapes and config keys are those of the real checkpoint
+(`language_model.backbone.*`, `vision_model.radio_model.*`, `mlp1.*`;
+`llm_config` / `vision_config.args`), so vLLM loads them through the same path.
+The language model comes from transformers' own NemotronH, an implementation
+independent of vLLM's.
+
+    python -m vllm_stateful_reduce.checkpoint OUT_DIR [--hidden-size 128 ...]
+"""
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import NemotronHConfig, NemotronHForCausalLM
+
+from . import ARCHITECTURE
+from .model.config import NemotronNanoVLConfig
+from .tokenizer import build_tokenizer
+
+TEACHERS = [{"name": "clip", "use_summary": True}, {"name": "siglip", "use_summary": True}]
+
+
+@dataclass
+class CheckpointSpec:
+    """Sizes of a small model. Defaults give a ~3M-parameter model that runs fast on CPU."""
+
+    pattern: str = "M-M*-M-M*-"  # Nano's block kinds: M Mamba2, * attention, - MLP
+    hidden_size: int = 128
+    vocab_size: int = 512
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 256
+    mamba_num_heads: int = 8
+    mamba_head_dim: int = 16
+    ssm_state_size: int = 16
+    n_groups: int = 2
+    conv_kernel: int = 4
+    chunk_size: int = 64
+    image_size: int = 64  # frame side in pixels
+    patch_size: int = 16
+    vit_hidden_size: int = 64
+    vit_layers: int = 2
+    vit_heads: int = 2
+    vit_mlp: int = 128
+    projector_hidden_size: int = 256
+    max_position_embeddings: int = 32768
+    seed: int = 0
+
+    def text_config(self) -> NemotronHConfig:
+        return NemotronHConfig(
+            architectures=["NemotronHForCausalLM"],
+            hybrid_override_pattern=self.pattern,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size,
+            mamba_num_heads=self.mamba_num_heads,
+            mamba_head_dim=self.mamba_head_dim,
+            ssm_state_size=self.ssm_state_size,
+            n_groups=self.n_groups,
+            conv_kernel=self.conv_kernel,
+            chunk_size=self.chunk_size,
+            max_position_embeddings=self.max_position_embeddings,
+            mamba_ssm_cache_dtype="float32",
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+
+    def config(self) -> NemotronNanoVLConfig:
+        vision = {
+            "model_type": "radio",
+            "patch_size": self.patch_size,
+            "preferred_resolution": [self.image_size, self.image_size],
+            "args": {
+                "model": "vit_custom",
+                "hidden_size": self.vit_hidden_size,
+                "num_hidden_layers": self.vit_layers,
+                "num_attention_heads": self.vit_heads,
+                "intermediate_size": self.vit_mlp,
+                "cpe_max_size": self.image_size,
+                "register_multiple": 8,
+                "teachers": TEACHERS,
+                "cls_token_per_teacher": True,
+            },
+        }
+        return NemotronNanoVLConfig(
+            architectures=[ARCHITECTURE],
+            llm_config=self.text_config().to_dict(),
+            vision_config=vision,
+            force_image_size=self.image_size,
+            patch_size=self.patch_size,
+            downsample_ratio=0.5,
+            template="nemotron_h",
+            ps_version="v2",
+            projector_hidden_size=self.projector_hidden_size,
+            vit_hidden_size=self.vit_hidden_size,
+            dtype="bfloat16",
+        )
+
+
+def vision_tensors(spec: CheckpointSpec, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """RADIO (timm ViT) tensors under the checkpoint's names, incl. buffers vLLM skips."""
+    d, i, p = spec.vit_hidden_size, spec.vit_mlp, spec.patch_size
+    num_cls = len(TEACHERS)
+    skip = num_cls + (8 - num_cls % 8)  # cls tokens + registers (register_multiple 8)
+    grid = (spec.image_size // p) ** 2
+
+    def rand(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * std
+
+    prefix = "vision_model.radio_model."
+    out = {
+        "model.patch_generator.embedder.weight": rand(d, 3 * p * p),
+        "model.patch_generator.pos_embed": rand(1, grid, d),
+        "model.patch_generator.cls_token.token": rand(skip, d),
+        "input_conditioner.norm_mean": torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1),
+        "input_conditioner.norm_std": torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1),
+        "summary_idxs": torch.arange(num_cls),
+    }
+    for layer in range(spec.vit_layers):
+        b = f"model.blocks.{layer}."
+        out |= {
+            b + "norm1.weight": 1 + rand(d, std=0.1),
+            b + "norm1.bias": rand(d),
+            b + "attn.qkv.weight": rand(3 * d, d),
+            b + "attn.qkv.bias": rand(3 * d),
+            b + "attn.proj.weight": rand(d, d),
+            b + "attn.proj.bias": rand(d),
+            b + "norm2.weight": 1 + rand(d, std=0.1),
+            b + "norm2.bias": rand(d),
+            b + "mlp.fc1.weight": rand(i, d),
+            b + "mlp.fc1.bias": rand(i),
+            b + "mlp.fc2.weight": rand(d, i),
+            b + "mlp.fc2.bias": rand(d),
+        }
+    return {prefix + k: v for k, v in out.items()}
+
+
+def projector_tensors(spec: CheckpointSpec, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    shuffled = spec.vit_hidden_size * 4  # pixel shuffle 0.5
+    return {
+        "mlp1.0.weight": 1 + 0.1 * torch.randn(shuffled, generator=gen),
+        "mlp1.1.weight": torch.randn(spec.projector_hidden_size, shuffled, generator=gen) * shuffled**-0.5,
+        "mlp1.3.weight": torch.randn(spec.hidden_size, spec.projector_hidden_size, generator=gen)
+        * spec.projector_hidden_size**-0.5,
+    }
+
+
+def language_tensors(spec: CheckpointSpec, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """transformers' NemotronH init, every tensor perturbed so that none is constant
+    (a norm loaded into the wrong slot must change the output)."""
+    torch.manual_seed(spec.seed)
+    model = NemotronHForCausalLM(spec.text_config()).float()
+    state = {}
+    for name, t in model.state_dict().items():
+        state[f"language_model.{name}"] = t + 0.02 * torch.randn(t.shape, generator=gen)
+    return state
+
+
+def build_checkpoint(out_dir: str | Path, spec: CheckpointSpec | None = None) -> Path:
+    """Write config.json, model.safetensors (bf16) and tokenizer files to `out_dir`."""
+    spec = spec or CheckpointSpec()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out, vocab_size=spec.vocab_size)
+    if len(tokenizer) > spec.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {spec.vocab_size}")
+    gen = torch.Generator().manual_seed(spec.seed)
+    tensors = language_tensors(spec, gen) | vision_tensors(spec, gen) | projector_tensors(spec, gen)
+    tensors = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = spec.config()
+    config.img_context_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config.save_pretrained(out)
+    (out / "build_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    return out
+
+
+def export_language_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """The checkpoint's NemotronH alone, as a text-only `NemotronHForCausalLM` checkpoint."""
+    src, out = Path(checkpoint), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(src / "model.safetensors")
+    save_file(
+        {k.removeprefix("language_model."): v for k, v in tensors.items() if k.startswith("language_model.")},
+        out / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    config = json.loads((src / "config.json").read_text())
+    text = config["llm_config"] | {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h"}
+    text["dtype"] = config.get("dtype", "bfloat16")
+    (out / "config.json").write_text(json.dumps(text, indent=2))
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    for field, value in asdict(CheckpointSpec()).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    args = vars(parser.parse_args())
+    out = build_checkpoint(args.pop("out_dir"), CheckpointSpec(**args))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

