@@ -68,3 +68,9 @@ def install_config_hook(architecture: str) -> None:
                 )
 
     MODELS_CONFIG_MAP[architecture] = StatefulReduceConfig
+
+
+# The engine arguments that satisfy `engine_setting_problems` (CLI: --enforce-eager
+# --no-enable-prefix-caching --no-enable-chunked-prefill; keep
+# --max-num-batched-tokens >= --max-model-len).
+REQUIRED_ENGINE_ARGS = {"enforce_eager": True, "enable_prefix_caching": False, "enable_chunked_prefill": False}

@@ -1,0 +1,71 @@
+"""Shared fixtures: one small checkpoint per session, vLLM pointed at a private temp dir."""
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before vLLM is imported anywhere: plugin allow-list, IPC sockets in a private dir,
+# a small CPU KV cache, and callables allowed through collective_rpc.
+_RUN_TMP = tempfile.mkdtemp(prefix="vsr-tests-")
+os.environ.setdefault("VLLM_PLUGINS", "stateful_reduce")
+os.environ["TMPDIR"] = _RUN_TMP
+os.environ["VLLM_RPC_BASE_PATH"] = _RUN_TMP
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+tempfile.tempdir = _RUN_TMP
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from vllm_stateful_reduce import REQUIRED_ENGINE_ARGS  # noqa: E402
+from vllm_stateful_reduce.checkpoint import build_checkpoint  # noqa: E402
+
+MAX_MODEL_LEN = 4096
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def engine_kwargs(checkpoint: Path, **overrides) -> dict:
+    """LLM(...) arguments for the tests: float32 (tight oracles), small memory."""
+    return {
+        "model": str(checkpoint),
+        "dtype": "float32",
+        "max_model_len": MAX_MODEL_LEN,
+        "max_num_batched_tokens": MAX_MODEL_LEN,
+        "gpu_memory_utilization": 0.3,
+        "limit_mm_per_prompt": {"video": 2},
+        "seed": 0,
+        **REQUIRED_ENGINE_ARGS,
+        **overrides,
+    }
+
+
+def random_video(num_frames: int, height: int = 80, width: int = 96, seed: int = 0) -> np.ndarray:
+    """Random uint8 RGB frames (never constant), shape (T, H, W, 3)."""
+    return np.random.default_rng(seed).integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8)
+
+
+def video_metadata(num_frames: int, fps: float = 2.0) -> dict:
+    """What vLLM's video loader attaches to decoded frames."""
+    return {
+        "fps": fps,
+        "duration": num_frames / fps,
+        "total_num_frames": num_frames,
+        "frames_indices": list(range(num_frames)),
+        "video_backend": "opencv",
+        "do_sample_frames": False,
+    }
+
+
+def chat_prompt(question: str, with_video: bool = True) -> str:
+    """The chat template's rendering of one user turn (checked in test_processor)."""
+    video = "<video>\n" if with_video else ""
+    return f"<|im_start|>user\n{video}{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def shutdown(llm) -> None:
+    """Stop an LLM's engine process now, so the next module starts with free cores."""
+    llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,106 @@
+"""The video processor without an engine: pixels against PIL, token layout, errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoTokenizer
+
+from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
+from vllm_stateful_reduce.model.processing import (
+    NanoVLVideoPreprocessor,
+    frames_to_pixel_values,
+)
+
+from vllm_stateful_reduce.reference import ReferenceNanoVL
+
+from .conftest import chat_prompt, random_video, video_metadata
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def pil_reference(frames: np.ndarray, size: int) -> np.ndarray:
+    """Straightforward per-channel PIL bicubic resize (float mode) + normalisation."""
+    out = np.stack(
+        [
+            np.stack(
+                [
+                    np.asarray(Image.fromarray(frame[..., c].astype(np.float32), mode="F").resize((size, size), Image.Resampling.BICUBIC))
+                    for c in range(3)
+                ]
+            )
+            for frame in frames
+        ]
+    )
+    return (out / 255.0 - np.reshape(MEAN, (1, 3, 1, 1))) / np.reshape(STD, (1, 3, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint) -> ReferenceNanoVL:
+    return ReferenceNanoVL(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def processor(checkpoint) -> NanoVLVideoPreprocessor:
+    return NanoVLVideoPreprocessor(NemotronNanoVLConfig.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint))
+
+
+# downscale, upscale, identity, odd aspect; the real 512 px frame size too
+@pytest.mark.parametrize("height,width,size", [(80, 96, 64), (40, 48, 64), (64, 64, 64), (33, 65, 32), (517, 300, 512)])
+def test_preprocessing_matches_pil_bicubic(height: int, width: int, size: int) -> None:
+    frames = random_video(2, height, width, seed=height)
+    ours = frames_to_pixel_values(frames, size, MEAN, STD)
+    ref = pil_reference(frames, size)
+    assert ours.shape == (2, 3, size, size) and ours.dtype == torch.float32
+    err = np.abs(ours.numpy() - ref).max()
+    # measured: <= 3.3e-6 (float32 rounding of the two bicubic implementations)
+    assert err < 2e-5, err
+
+
+@pytest.mark.parametrize("num_frames", [1, 3, 8])
+def test_placeholders_equal_visual_embeddings(processor, reference, num_frames: int) -> None:
+    meta = video_metadata(num_frames, fps=4.0)
+    repl = processor.video_replacement(num_frames, meta["frames_indices"], 250)
+    ids = torch.tensor(repl.full)
+    is_embed = repl.is_embed(repl.full)
+    pixels = processor([(random_video(num_frames), meta)])["pixel_values_flat_video"]
+    visual = reference.vision_embeddings(pixels)
+    # one visual embedding per <image> slot, nothing else
+    assert int(is_embed.sum()) == visual.shape[0] * visual.shape[1] == num_frames * processor.tokens_per_frame
+    assert torch.equal(is_embed, ids == processor.img_context_id)
+    text = processor.tokenizer.decode(ids[~is_embed])
+    expected = "\n".join(f"Frame {i + 1} sampled at {i * 0.25:.2f} seconds: <img></img>" for i in range(num_frames))
+    assert text == expected
+
+
+def test_pixel_values_and_metadata(processor: NanoVLVideoPreprocessor) -> None:
+    videos = [(random_video(n, seed=n), video_metadata(n)) for n in (2, 5)]
+    out = processor(videos)
+    assert out["pixel_values_flat_video"].shape == (7, 3, 64, 64)
+    assert out["video_num_patches"].tolist() == [2, 5]
+    assert [f.tolist() for f in out["frames_indices"]] == [[0, 1], [0, 1, 2, 3, 4]]
+    assert out["frame_duration_ms"].tolist() == [500, 500]
+
+
+@pytest.mark.parametrize(
+    "frames,meta,message",
+    [
+        (np.zeros((0, 8, 8, 3), np.uint8), video_metadata(0), "no frames"),
+        (np.zeros((2, 8, 8), np.uint8), video_metadata(2), "shape"),
+        (np.zeros((2, 8, 8, 4), np.uint8), video_metadata(2), "shape"),
+        (random_video(2), {"frames_indices": [0, 1]}, "fps"),
+        (random_video(2), video_metadata(3), "frames_indices"),
+    ],
+)
+def test_bad_videos_raise_value_error(processor, frames, meta, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        processor([(frames, meta)])
+
+
+def test_chat_template_places_video_placeholder(processor: NanoVLVideoPreprocessor) -> None:
+    parts = [{"type": "video_url", "video_url": {"url": "x"}}, {"type": "text", "text": "\nWhat?"}]
+    for content in (parts, "<video>\nWhat?"):
+        rendered = processor.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        assert rendered == chat_prompt("What?")

@@ -1,0 +1,29 @@
+"""Client-side video helpers: write frames to a file, wrap a file as a data URL."""
+
+import base64
+import mimetypes
+from pathlib import Path
+
+import numpy as np
+
+
+def write_video(frames: np.ndarray, path: str | Path, fps: float = 2.0) -> Path:
+    """(T, H, W, 3) uint8 RGB frames -> an MPEG-4 (.mp4) or MJPEG (.avi) file, by suffix."""
+    import cv2
+
+    path = Path(path)
+    fourcc = {".mp4": "mp4v", ".avi": "MJPG"}[path.suffix]
+    height, width = frames.shape[1:3]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (width, height))
+    if not writer.isOpened():
+        raise RuntimeError(f"OpenCV cannot write {path}")
+    for frame in frames:
+        writer.write(np.ascontiguousarray(frame[..., ::-1]))  # OpenCV wants BGR
+    writer.release()
+    return path
+
+
+def video_data_url(path: str | Path) -> str:
+    """A `data:video/...;base64,` URL for an OpenAI `video_url` content part."""
+    mime = mimetypes.guess_type(str(path))[0] or "video/mp4"
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
