@@ -12,16 +12,18 @@ _registered = False
 
 
 def register() -> None:
-    """Register the architecture, its config hook and the HF config class. Idempotent."""
+    """Register the architecture, its config hook, the HF config class and the runner
+    glue that tells the model who is in the batch. Idempotent."""
     global _registered
     if _registered:
         return
     from vllm import ModelRegistry
 
-    from .vllm_compat import install_config_hook, register_hf_config
+    from .vllm_compat import install_config_hook, install_runner_glue, register_hf_config
 
     register_hf_config()
     install_config_hook(ARCHITECTURE)
+    install_runner_glue()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(
             ARCHITECTURE, "vllm_stateful_reduce.model.nano_vl:NemotronNanoVLStatefulReduce"

@@ -91,3 +91,47 @@ def vllm_cli() -> None:
     from vllm.entrypoints.cli.main import main
 
     main()
+
+
+def install_runner_glue() -> None:
+    """Hand the model, before each forward, who is in the batch (V1 GPU/CPU runner).
+
+    The model needs, per batch row: a request id stable for the request's life (to
+    keep its dropped counts across decode steps), the prompt length (the query text
+    ends there, also when a preempted request recomputes prompt + output), and the
+    per-request options from `mm_processor_kwargs` (a per-video field the processor
+    adds, kept with the request's multimodal features).
+    """
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._model_forward
+    if getattr(original, "_stateful_reduce", False):
+        return
+
+    def _model_forward(self, *args, **kwargs):
+        model = self.get_model()
+        if not hasattr(model, "set_batch_requests"):
+            return original(self, *args, **kwargs)
+        batch = self.input_batch
+        rows = []
+        for req_id in batch.req_ids[: batch.num_reqs]:
+            request = self.requests[req_id]
+            rows.append((req_id, request.num_prompt_tokens, request_overrides(request.mm_features)))
+        model.set_batch_requests(rows)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            model.set_batch_requests([])  # dummy/profile runs call the model directly
+
+    _model_forward._stateful_reduce = True
+    GPUModelRunner._model_forward = _model_forward
+
+
+def request_overrides(mm_features) -> dict | None:
+    """Per-request options the processor stored with the request's first video."""
+    from .model.processing import OPTIONS_FIELD, decode_options
+
+    for feature in mm_features or ():
+        if feature.data is not None and OPTIONS_FIELD in feature.data:
+            return decode_options(feature.data[OPTIONS_FIELD].data)
+    return None

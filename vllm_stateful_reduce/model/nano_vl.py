@@ -21,11 +21,16 @@ from vllm.model_executor.models.interfaces import (
 )
 from vllm.model_executor.models.nemotron_h import NemotronHForCausalLM
 from vllm.model_executor.models.radio import RadioModel
-from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix
+from vllm.model_executor.model_loader.utils import initialize_model
+from vllm.model_executor.models.utils import maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
+from ..config import from_additional_config
+from ..schedule import build_schedule
+from ..state import RequestInfo
 from .config import NemotronNanoVLConfig, radio_config_from
+from .reduced_stack import ReducibleNemotronHForCausalLM
 from .processing import NanoVLDummyInputsBuilder, NanoVLMultiModalProcessor, NanoVLProcessingInfo
 
 
@@ -58,16 +63,19 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
         if getattr(config, "ps_version", "v2") != "v2":
             raise ValueError(f"ps_version={config.ps_version!r} is not supported (only 'v2')")
         self.config = config
+        self._configs: dict[tuple, object] = {}
         self.downsample_ratio = config.downsample_ratio
         self.patch_size = config.patch_size
 
+        self.reduction = from_additional_config(vllm_config.additional_config)
+        build_schedule(config.text_config.hybrid_override_pattern, self.reduction)  # fail at start-up
         with self._mark_language_model(vllm_config):
-            self.language_model = init_vllm_registered_model(
-                vllm_config=vllm_config,
-                hf_config=config.text_config,
+            self.language_model = initialize_model(
+                vllm_config=vllm_config.with_hf_config(config.text_config, architectures=["NemotronHForCausalLM"]),
                 prefix=maybe_prefix(prefix, "language_model"),
-                architectures=["NemotronHForCausalLM"],
+                model_class=ReducibleNemotronHForCausalLM,
             )
+        self.language_model.model.image_context_id = config.img_context_token_id
         dtype = vllm_config.model_config.dtype
         with self._mark_tower_model(vllm_config, "video"):
             self.vision_model = RadioModel(config=radio_config_from(config)).to(dtype)
@@ -78,6 +86,24 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
                 ReLUSquaredActivation(),
                 nn.Linear(config.projector_hidden_size, config.text_config.hidden_size, bias=False),
             ).to(dtype)
+
+    def set_batch_requests(self, requests: list[tuple[str, int, dict | None]]) -> None:
+        """Called by the runner glue before each forward: (req_id, prompt length,
+        per-request overrides) for every row of the batch, in batch order."""
+        self.language_model.model.batch_requests = [
+            RequestInfo(req_id, num_prompt, self._request_config(overrides))
+            for req_id, num_prompt, overrides in requests
+        ]
+
+    def _request_config(self, overrides: dict | None):
+        key = tuple(sorted((overrides or {}).items()))
+        if key not in self._configs:
+            self._configs[key] = self.reduction.with_overrides(overrides)
+        return self._configs[key]
+
+    @property
+    def reduction_state(self):
+        return self.language_model.model.state
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(frames, 3, S, S) -> (frames, tokens_per_frame, llm_hidden)."""

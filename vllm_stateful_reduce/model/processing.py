@@ -27,7 +27,37 @@ from vllm.multimodal.processing.processor import (
     PromptUpdateDetails,
 )
 
+from ..config import CONFIG_KEY, ReductionConfig
 from .config import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER, NemotronNanoVLConfig
+
+
+# Per-request reduction options travel as a per-video tensor [enabled, budget]
+# (NaN = not set), kept with the request's multimodal features.
+OPTIONS_FIELD = "stateful_reduce_options"
+
+
+def encode_options(options: object) -> torch.Tensor:
+    """Validate `mm_processor_kwargs["stateful_reduce"]` (ValueError names the field)."""
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"{CONFIG_KEY}: expected an object like {{\"budget\": 0.5}}, got {type(options).__name__}")
+    overrides = dict(options) if options is not None else None
+    ReductionConfig().with_overrides(overrides)  # raises ValueError on bad input
+    overrides = overrides or {}
+    enabled = overrides.get("enabled")
+    budget = overrides.get("budget")
+    return torch.tensor(
+        [float("nan") if enabled is None else float(enabled), float("nan") if budget is None else float(budget)]
+    )
+
+
+def decode_options(encoded: torch.Tensor) -> dict | None:
+    enabled, budget = encoded.flatten().tolist()
+    out = {}
+    if enabled == enabled:  # not NaN
+        out["enabled"] = bool(enabled)
+    if budget == budget:
+        out["budget"] = budget
+    return out or None
 
 
 def frames_to_pixel_values(
@@ -92,8 +122,9 @@ class NanoVLVideoPreprocessor:
         self.img_context_id = self.img_context_ids[0]
 
     def __call__(
-        self, videos: Sequence[tuple[np.ndarray, Mapping[str, Any]]], return_tensors: Any = None, **_: Any
+        self, videos: Sequence[tuple[np.ndarray, Mapping[str, Any]]], return_tensors: Any = None, **kwargs: Any
     ) -> BatchFeature:
+        options = encode_options(kwargs.get(CONFIG_KEY))
         pixel_values = [
             frames_to_pixel_values(frames, self.image_size, self.config.norm_mean, self.config.norm_std)
             for frames, _meta in videos
@@ -107,6 +138,7 @@ class NanoVLVideoPreprocessor:
                     for frames, meta in videos
                 ],
                 "frame_duration_ms": torch.tensor([frame_duration_ms(meta) for _f, meta in videos]),
+                OPTIONS_FIELD: options.expand(len(videos), 2).clone(),
             }
         )
 
@@ -199,6 +231,7 @@ class NanoVLMultiModalProcessor(BaseMultiModalProcessor[NanoVLProcessingInfo]):
             video_num_patches=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
             frames_indices=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
             frame_duration_ms=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
+            **{OPTIONS_FIELD: MultiModalFieldConfig.batched("video", keep_on_cpu=True)},
         )
 
     def _get_prompt_updates(

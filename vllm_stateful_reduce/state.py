@@ -1,0 +1,45 @@
+"""What a reduced request must remember across decode steps.
+
+After a reduced prefill, stage j's attention layers hold only the kept tokens, at
+logical positions 0..L_j-1 of the request's own blocks. Every later step of that
+request must use `seq_len - dropped[j]` and write its new token at
+`position - dropped[j]` in stage j's layers. The counts are keyed by request id
+(stable for the request's life), overwritten by any new prefill of that request
+(preemption recomputes the prompt and lands in the same state), and dropped when
+the request leaves the runner (finish, abort).
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .config import ReductionConfig
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """One row of the batch, as the runner glue hands it to the model (batch order)."""
+
+    req_id: str
+    num_prompt_tokens: int
+    config: ReductionConfig
+
+
+@dataclass
+class ReductionState:
+    dropped: dict[str, list[int]] = field(default_factory=dict)
+    # why requests were served unreduced, for logs and tests: reason -> count
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def forget_all_but(self, live_req_ids: Iterable[str]) -> None:
+        live = set(live_req_ids)
+        for req_id in [r for r in self.dropped if r not in live]:
+            del self.dropped[req_id]
+
+    def record(self, req_id: str, dropped_per_stage: list[int]) -> None:
+        if any(dropped_per_stage):
+            self.dropped[req_id] = list(dropped_per_stage)
+        else:
+            self.dropped.pop(req_id, None)
+
+    def count_skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
