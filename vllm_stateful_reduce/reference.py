@@ -3,13 +3,19 @@
 Vision: RADIO ViT written out from its formula (patchify -> linear -> + pos_embed ->
 prepend cls/register tokens -> pre-norm blocks -> drop the prefix tokens), pixel
 shuffle 0.5, `mlp1`. Language: transformers' `NemotronHForCausalLM` on the merged
-embeddings. Nothing here imports vLLM's model code.
+embeddings, and its blocks one by one for the *reduced* forward: one request, whole
+sequence, no cache, no metadata - after each boundary block the dropped rows are
+simply removed, and greedy decoding re-runs the sequence with the same kept rows.
+Nothing here imports vLLM's model code.
 
 Covers checkpoints whose RADIO position grid equals the frame grid (the small
 checkpoints built here); the real model interpolates position embeddings (CPE).
 """
 
 from pathlib import Path
+
+from .config import ReductionConfig
+from .schedule import SCORING_KINDS, boundary_blocks, build_schedule
 
 import torch
 import torch.nn.functional as F
@@ -73,3 +79,110 @@ class ReferenceNanoVL:
                 raise ValueError(f"{int(slots.sum())} <image> slots for {visual.shape[0]} visual embeddings")
             embeds[slots] = visual.to(embeds.dtype)
         return self.lm(inputs_embeds=embeds[None]).logits[0]
+
+    # ------------------------------------------------------------ reduced forward
+
+    def _embeds(self, input_ids: list[int], pixel_values: list[torch.Tensor]) -> torch.Tensor:
+        ids = torch.tensor(input_ids)
+        embeds = self.lm.get_input_embeddings()(ids)
+        if pixel_values:
+            visual = torch.cat([self.vision_embeddings(pv).flatten(0, 1) for pv in pixel_values])
+            embeds[ids == self.image_context_id] = visual.to(embeds.dtype)
+        return embeds
+
+    def _attention_scores(self, block, h: torch.Tensor, q_rows: torch.Tensor, v_rows: torch.Tensor) -> torch.Tensor:
+        """mean_{t in Q, heads} softmax_s(q_t . k_s / sqrt(d)), causal, at the visual columns."""
+        attn, x = block.mixer, block.norm(h)
+        d = attn.head_dim
+        q = attn.q_proj(x).view(len(x), -1, d)[q_rows]  # (T, Hq, d)
+        k = attn.k_proj(x).view(len(x), -1, d).repeat_interleave(attn.num_key_value_groups, dim=1)
+        logits = torch.einsum("thd,shd->hts", q, k) * d**-0.5
+        future = torch.arange(len(x))[None, :] > q_rows[:, None]
+        probs = logits.masked_fill(future, float("-inf")).softmax(-1)
+        return probs.mean(dim=(0, 1))[v_rows]
+
+    def _mamba_scores(self, block, h, q_rows, v_rows, use_dt: bool, decay: bool) -> torch.Tensor:
+        """mean_t sum_h |C_t . B_s| dt_s,h [exp(A_h (cumdt_t - cumdt_s))], B/C after conv1d+SiLU."""
+        m, x = block.mixer, block.norm(h)
+        proj = m.in_proj(x)
+        xbc = proj[:, m.intermediate_size : m.intermediate_size + m.conv_dim]
+        dt = F.softplus(proj[:, m.intermediate_size + m.conv_dim :] + m.dt_bias)  # (L, H)
+        xbc = m.act(m.conv1d(xbc.T[None])[0, :, : len(x)].T)
+        gn = m.n_groups * m.ssm_state_size
+        b = xbc[:, -2 * gn : -gn].view(len(x), m.n_groups, -1)
+        c = xbc[:, -gn:].view(len(x), m.n_groups, -1)
+        heads_per_group = m.num_heads // m.n_groups
+        cb = torch.einsum("tgn,sgn->tsg", c[q_rows], b[v_rows]).abs().repeat_interleave(heads_per_group, dim=2)
+        w = dt[v_rows][None] if use_dt else torch.ones_like(cb)
+        if decay:
+            cum = dt.cumsum(0)
+            w = w * torch.exp(-torch.exp(m.A_log)[None, None] * (cum[q_rows][:, None] - cum[v_rows][None]))
+        return (cb * w).sum(dim=2).mean(0)
+
+    @torch.no_grad()
+    def reduced_forward(
+        self,
+        input_ids: list[int],
+        pixel_values: list[torch.Tensor],
+        config: ReductionConfig,
+        num_prompt_tokens: int | None = None,
+        kept: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Last-position logits and, per stage, the kept original positions of the visual
+        tokens. With `kept` given, those rows are kept (decode steps) instead of scoring."""
+        pattern = self.config["llm_config"]["layers_block_type"]
+        pattern = "".join({"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*"}.get(k, "-") for k in pattern)
+        ids = torch.tensor(input_ids)
+        visual = torch.nonzero(ids == self.image_context_id).flatten()
+        prompt_len = num_prompt_tokens or len(input_ids)
+        query = torch.arange(int(visual[-1]) + 1, prompt_len) if len(visual) else torch.arange(0)
+        boundaries = boundary_blocks(pattern, config)
+        keep = build_schedule(pattern, config).keep_counts(len(visual), config.min_keep) if len(visual) else []
+        reduce = config.enabled and len(visual) > 0 and len(query) > 0
+        rows = torch.arange(len(ids))  # original position of each current row
+        h = self._embeds(input_ids, pixel_values)
+        scores = torch.zeros(len(visual))
+        out_kept: list[torch.Tensor] = [visual]
+        stage = 0
+        for i, block in enumerate(self.lm.model.layers):
+            kind = SCORING_KINDS.get(pattern[i])
+            scoring = reduce and kept is None and stage < len(boundaries) and kind and config.score_layers in ("all", kind)
+            if scoring:
+                local = {int(p): j for j, p in enumerate(rows)}
+                q_rows = torch.tensor([local[int(p)] for p in query])
+                v_rows = torch.tensor([local[int(p)] for p in out_kept[-1]])
+                s = (self._attention_scores(block, h, q_rows, v_rows) if kind == "attention"
+                     else self._mamba_scores(block, h, q_rows, v_rows, config.mamba_dt, config.mamba_decay))  # fmt: skip
+                scores = scores + s / s.sum()
+            mask = torch.ones(len(h), len(h), dtype=torch.bool).tril()[None, None]
+            h = block(h[None], attention_mask=mask)[0] if block.block_type in ("full_attention", "attention") else block(h[None])[0]
+            if reduce and stage < len(boundaries) and i == boundaries[stage]:
+                stage += 1
+                if kept is None:
+                    top = torch.sort(torch.sort(scores, descending=True, stable=True).indices[: keep[stage]]).values
+                    out_kept.append(out_kept[-1][top])
+                    stage_has_scores = any(
+                        SCORING_KINDS.get(pattern[b]) and config.score_layers in ("all", SCORING_KINDS[pattern[b]])
+                        for b in range(i + 1, (boundaries + [len(pattern) - 1])[stage] + 1)
+                    )
+                    scores = torch.zeros(len(top)) if stage_has_scores else scores[top]
+                else:
+                    out_kept.append(kept[stage])
+                is_visual = torch.isin(rows, visual)
+                stay = ~is_visual | torch.isin(rows, out_kept[-1])
+                h, rows = h[stay], rows[stay]
+        h = self.lm.model.norm_f(h)
+        return self.lm.lm_head(h[-1]), out_kept
+
+    @torch.no_grad()
+    def greedy(self, input_ids: list[int], pixel_values: list[torch.Tensor], config: ReductionConfig, max_tokens: int):
+        """Greedy tokens, their log-probabilities (full vocab) and the kept positions."""
+        ids, kept, tokens, logprobs = list(input_ids), None, [], []
+        for _ in range(max_tokens):
+            logits, got = self.reduced_forward(ids, pixel_values, config, len(input_ids), kept)
+            kept = kept or got
+            lp = torch.log_softmax(logits.double(), -1)
+            tokens.append(int(lp.argmax()))
+            logprobs.append(lp)
+            ids.append(tokens[-1])
+        return tokens, torch.stack(logprobs), kept

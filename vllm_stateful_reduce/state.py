@@ -9,6 +9,7 @@ request must use `seq_len - dropped[j]` and write its new token at
 the request leaves the runner (finish, abort).
 """
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,10 @@ class ReductionState:
     dropped: dict[str, list[int]] = field(default_factory=dict)
     # why requests were served unreduced, for logs and tests: reason -> count
     skipped: dict[str, int] = field(default_factory=dict)
+    # prompt positions of the visual tokens kept at each stage, for the most recent
+    # reduced prefills (bounded; for inspection and tests)
+    kept: OrderedDict[str, list[list[int]]] = field(default_factory=OrderedDict)
+    max_kept_history: int = 256
 
     def forget_all_but(self, live_req_ids: Iterable[str]) -> None:
         live = set(live_req_ids)
@@ -40,6 +45,12 @@ class ReductionState:
             self.dropped[req_id] = list(dropped_per_stage)
         else:
             self.dropped.pop(req_id, None)
+
+    def record_kept(self, req_id: str, positions_per_stage: list[list[int]]) -> None:
+        self.kept[req_id] = positions_per_stage
+        self.kept.move_to_end(req_id)
+        while len(self.kept) > self.max_kept_history:
+            self.kept.popitem(last=False)
 
     def count_skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1

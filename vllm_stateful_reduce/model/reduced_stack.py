@@ -52,6 +52,7 @@ class Request:
     keep: list[int] | None = None  # visual tokens per stage
     scores: torch.Tensor | None = None
     dropped: list[int] = field(default_factory=list)  # per stage, from an earlier prefill
+    kept_positions: list[list[int]] = field(default_factory=list)  # per stage, reducing requests
 
 
 @ignore_torch_compile
@@ -143,6 +144,7 @@ class ReducibleNemotronHModel(NemotronHModel):
                 logger.info("request %s served unreduced: %s", req.info.req_id, reason)
             return
         req.visual, req.query, req.keep = visual, query, keep
+        req.kept_positions = [visual.tolist()]
         req.scores = torch.zeros(len(visual), dtype=torch.float32)
 
     # ------------------------------------------------------------------ forward
@@ -242,8 +244,10 @@ class ReducibleNemotronHModel(NemotronHModel):
                 req.scores = torch.zeros(k) if self._stage_scores(stage) else req.scores[kept_visual]
                 req.positions = req.positions[local]
                 req.rows = len(local)
+                req.kept_positions.append(req.positions[req.visual].tolist())
                 if stage + 1 >= len(req.keep):
                     req.keep = None  # last boundary done
+                    self.state.record_kept(req.info.req_id, req.kept_positions)
             pieces.append(local + start)
             start += rows_before
         return torch.cat(pieces) if changed else None
