@@ -1,4 +1,5 @@
-"""Offline `LLM.generate` through the plugin, one engine for the module (float32)."""
+"""Offline `LLM.generate` through the plugin with reduction off, one engine for the module
+(float32): the foundation's oracles."""
 
 import importlib.metadata
 import os
@@ -19,7 +20,7 @@ from .conftest import chat_prompt, engine_kwargs, random_video, shutdown, video_
 
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    llm = LLM(**engine_kwargs(checkpoint))
+    llm = LLM(**engine_kwargs(checkpoint, additional_config={"stateful_reduce": {"enabled": False}}))
     yield llm
     shutdown(llm)
 

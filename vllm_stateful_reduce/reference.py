@@ -20,7 +20,7 @@ from .schedule import SCORING_KINDS, boundary_blocks, build_schedule
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import NemotronHConfig, NemotronHForCausalLM, PretrainedConfig
+from transformers import AutoTokenizer, NemotronHConfig, NemotronHForCausalLM, PretrainedConfig
 
 
 class ReferenceNanoVL:
@@ -39,6 +39,7 @@ class ReferenceNanoVL:
         self.vit_layers = args["num_hidden_layers"]
         self.patch = self.config["patch_size"]
         self.image_context_id = self.config["img_context_token_id"]
+        self.video_end_length = len(AutoTokenizer.from_pretrained(ckpt).encode("</img>", add_special_tokens=False))
 
     @torch.no_grad()
     def vision_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -135,7 +136,8 @@ class ReferenceNanoVL:
         ids = torch.tensor(input_ids)
         visual = torch.nonzero(ids == self.image_context_id).flatten()
         prompt_len = num_prompt_tokens or len(input_ids)
-        query = torch.arange(int(visual[-1]) + 1, prompt_len) if len(visual) else torch.arange(0)
+        # the question: prompt text after the last video's closing `</img>`
+        query = torch.arange(int(visual[-1]) + 1 + self.video_end_length, prompt_len) if len(visual) else torch.arange(0)
         boundaries = boundary_blocks(pattern, config)
         keep = build_schedule(pattern, config).keep_counts(len(visual), config.min_keep) if len(visual) else []
         reduce = config.enabled and len(visual) > 0 and len(query) > 0

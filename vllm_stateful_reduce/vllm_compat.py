@@ -44,6 +44,16 @@ def engine_setting_problems(vllm_config: "VllmConfig") -> list[str]:
     return problems
 
 
+def check_reduction_config(vllm_config: "VllmConfig") -> None:
+    """Parse `--additional-config`'s reduction settings and check the budget is reachable
+    for this model's blocks: a ValueError naming the field, before any process starts."""
+    from .config import from_additional_config
+    from .schedule import build_schedule
+
+    config = from_additional_config(vllm_config.additional_config)
+    build_schedule(vllm_config.model_config.hf_config.text_config.hybrid_override_pattern, config)
+
+
 def install_config_hook(architecture: str) -> None:
     """Give the plugin architecture the per-architecture config hook vLLM gives
     `NemotronH_Nano_VL_V2` (float32 SSM state, the `nemotron_vl` video loader), plus
@@ -57,6 +67,7 @@ def install_config_hook(architecture: str) -> None:
         @classmethod
         def verify_and_update_config(cls, vllm_config: "VllmConfig") -> None:
             super().verify_and_update_config(vllm_config)
+            check_reduction_config(vllm_config)
             problems = engine_setting_problems(vllm_config)
             if problems:
                 raise ValueError(

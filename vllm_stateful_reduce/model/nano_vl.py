@@ -25,11 +25,11 @@ from vllm.model_executor.model_loader.utils import initialize_model
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
+from vllm.tokenizers import cached_tokenizer_from_config
 
 from ..config import from_additional_config
-from ..schedule import build_schedule
 from ..state import RequestInfo
-from .config import NemotronNanoVLConfig, radio_config_from
+from .config import IMG_END, NemotronNanoVLConfig, radio_config_from
 from .reduced_stack import ReducibleNemotronHForCausalLM
 from .processing import NanoVLDummyInputsBuilder, NanoVLMultiModalProcessor, NanoVLProcessingInfo
 
@@ -67,15 +67,17 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
         self.downsample_ratio = config.downsample_ratio
         self.patch_size = config.patch_size
 
-        self.reduction = from_additional_config(vllm_config.additional_config)
-        build_schedule(config.text_config.hybrid_override_pattern, self.reduction)  # fail at start-up
+        self.reduction = from_additional_config(vllm_config.additional_config)  # checked at start-up
         with self._mark_language_model(vllm_config):
             self.language_model = initialize_model(
                 vllm_config=vllm_config.with_hf_config(config.text_config, architectures=["NemotronHForCausalLM"]),
                 prefix=maybe_prefix(prefix, "language_model"),
                 model_class=ReducibleNemotronHForCausalLM,
             )
-        self.language_model.model.image_context_id = config.img_context_token_id
+        stack = self.language_model.model
+        stack.image_context_id = config.img_context_token_id
+        tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
+        stack.video_end_length = len(tokenizer.encode(IMG_END, add_special_tokens=False))
         dtype = vllm_config.model_config.dtype
         with self._mark_tower_model(vllm_config, "video"):
             self.vision_model = RadioModel(config=radio_config_from(config)).to(dtype)

@@ -66,6 +66,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         self.state = ReductionState()
         self.batch_requests: list[RequestInfo] = []
         self.image_context_id: int | None = None  # set by the VLM
+        self.video_end_length = 1  # tokens of `</img>`; set by the VLM
         self._builders: dict[int, object] = {}
         self._captured: dict[int, torch.Tensor] = {}
         self._capturing = False
@@ -126,7 +127,9 @@ class ReducibleNemotronHModel(NemotronHModel):
             reason = "disabled"
         elif req.rows < req.info.num_prompt_tokens:
             reason = "prompt_split_across_steps"
-        query = torch.arange(int(visual[-1]) + 1, req.info.num_prompt_tokens) if reason is None else None
+        # the question: prompt text after the last video's closing wrapper (`</img>`)
+        first_query = int(visual[-1]) + 1 + self.video_end_length if reason is None else 0
+        query = torch.arange(first_query, req.info.num_prompt_tokens) if reason is None else None
         if reason is None and not len(query):
             reason = "no_text_after_video"
         keep = None

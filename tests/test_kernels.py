@@ -1,0 +1,18 @@
+"""Run `kernel_cases.py` with TRITON_INTERPRET=1 in its own interpreter."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_triton_kernels_interpreted() -> None:
+    here = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / "kernel_cases.py")],
+        cwd=here.parent, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    print(run.stdout[-3000:])
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout

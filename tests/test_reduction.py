@@ -1,0 +1,150 @@
+"""Reduction inside prefill through the real engine, against the plain PyTorch reference.
+
+One engine (float32, default schedule: budget 0.25 depth-averaged, boundaries after
+the attention blocks, attention + Mamba scores); min_keep is lowered so the small
+videos here are reduced by the schedule rather than by the floor.
+"""
+
+import numpy as np
+import pytest
+import torch
+from vllm import LLM, SamplingParams
+
+from vllm_stateful_reduce.config import parse
+from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
+from vllm_stateful_reduce.model.processing import frames_to_pixel_values
+from vllm_stateful_reduce.reference import ReferenceNanoVL
+from vllm_stateful_reduce.schedule import build_schedule, stage_sizes
+
+from .conftest import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+
+GLOBAL = {"min_keep": 4}
+DECODE_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    llm = LLM(**engine_kwargs(checkpoint, additional_config={"stateful_reduce": GLOBAL}))
+    yield llm
+    shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint) -> ReferenceNanoVL:
+    return ReferenceNanoVL(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def hf_config(checkpoint) -> NemotronNanoVLConfig:
+    return NemotronNanoVLConfig.from_pretrained(checkpoint)
+
+
+def request(video: np.ndarray | None, question: str = "Which frame shows the red square?", options: dict | None = None):
+    if video is None:
+        return {"prompt": chat_prompt(question, with_video=False)}
+    out = {"prompt": chat_prompt(question), "multi_modal_data": {"video": (video, video_metadata(len(video)))}}
+    if options is not None:
+        out["mm_processor_kwargs"] = {"stateful_reduce": options}
+    return out
+
+
+def engine_state(llm) -> dict:
+    return llm.llm_engine.collective_rpc(
+        lambda w: {"kept": dict(w.model_runner.model.reduction_state.kept), "skipped": dict(w.model_runner.model.reduction_state.skipped)}
+    )[0]
+
+
+def kept_of(state: dict, request_id: str) -> list[list[int]] | None:
+    return next((v for k, v in state["kept"].items() if k.split("-")[0] == request_id), None)
+
+
+def params() -> SamplingParams:
+    return SamplingParams(max_tokens=DECODE_TOKENS, temperature=0.0, ignore_eos=True, logprobs=3)
+
+
+@pytest.fixture(scope="module")
+def mixed_batch(llm):
+    """Reduced video, unreduced video, text only, and a video joining while they decode."""
+    engine = llm.llm_engine
+    cases = {
+        "reduced": (random_video(24, seed=1), None),
+        "unreduced": (random_video(12, seed=2), {"enabled": False}),
+        "text": (None, None),
+        "joins_late": (random_video(20, seed=3), {"budget": 0.5}),
+    }
+    outputs = {}
+    for name in ("reduced", "unreduced", "text"):
+        engine.add_request(name, request(cases[name][0], options=cases[name][1]), params())
+    steps = 0
+    while engine.has_unfinished_requests() or "joins_late" not in cases.get("_added", ()):
+        if steps == 4:
+            engine.add_request("joins_late", request(cases["joins_late"][0], options=cases["joins_late"][1]), params())
+            cases["_added"] = ("joins_late",)
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out
+        steps += 1
+    assert set(outputs) == {"reduced", "unreduced", "text", "joins_late"}
+    return cases, outputs, engine_state(llm)
+
+
+def test_mixed_batch_matches_reference(mixed_batch, reference, hf_config) -> None:
+    cases, outputs, state = mixed_batch
+    worst = 0.0
+    for name in ("reduced", "unreduced", "text", "joins_late"):
+        video, options = cases[name]
+        out = outputs[name]
+        config = parse(GLOBAL).with_overrides(options)
+        pixels = [frames_to_pixel_values(video, hf_config.force_image_size, hf_config.norm_mean, hf_config.norm_std)] if video is not None else []
+        tokens, logprobs, kept = reference.greedy(out.prompt_token_ids, pixels, config, DECODE_TOKENS)
+        assert list(out.outputs[0].token_ids) == tokens, name
+        ours = kept_of(state, name)
+        if name in ("reduced", "joins_late"):
+            assert ours == [k.tolist() for k in kept], name
+            assert len(ours[-1]) < len(ours[0])
+        else:
+            assert ours is None, name
+        diff = max(abs(lp.logprob - logprobs[i, t].item()) for i, step in enumerate(out.outputs[0].logprobs) for t, lp in step.items())
+        worst = max(worst, diff)
+    print(f"mixed batch, {DECODE_TOKENS} greedy tokens each: max |delta logprob| vs reference {worst:.2e}")
+    assert worst < 1e-4
+
+
+def test_budget_is_the_depth_average_and_override_is_per_request(mixed_batch, hf_config) -> None:
+    _, _, state = mixed_batch
+    pattern = hf_config.text_config.hybrid_override_pattern
+    for name, budget in (("reduced", 0.25), ("joins_late", 0.5)):
+        kept = kept_of(state, name)
+        schedule = build_schedule(pattern, parse(GLOBAL | {"budget": budget}))
+        counts = [len(k) for k in kept]
+        sizes = stage_sizes(len(pattern), schedule.boundaries)
+        measured = sum(n * k for n, k in zip(sizes, counts)) / len(pattern)
+        print(f"{name}: kept per stage {counts}, depth average {measured:.2f} tokens vs budget {budget * counts[0]:.2f}")
+        assert abs(measured - budget * counts[0]) <= 1.0  # within one token per block on average
+        assert counts == schedule.keep_counts(counts[0], GLOBAL["min_keep"])
+
+
+def test_budget_one_is_identical_to_reduction_off(llm) -> None:
+    video = random_video(16, seed=4)
+    full, off = llm.generate([request(video, options={"budget": 1.0}), request(video, options={"enabled": False})], params())
+    assert full.outputs[0].token_ids == off.outputs[0].token_ids
+    assert [{t: lp.logprob for t, lp in s.items()} for s in full.outputs[0].logprobs] == [
+        {t: lp.logprob for t, lp in s.items()} for s in off.outputs[0].logprobs
+    ]
+
+
+def test_video_without_question_is_served_unreduced_and_counted(llm) -> None:
+    video = random_video(16, seed=5)
+    before = engine_state(llm)["skipped"].get("no_text_after_video", 0)
+    no_question = {"prompt": "<|im_start|>user\n<video>", "multi_modal_data": {"video": (video, video_metadata(16))}}
+    unreduced = dict(no_question, mm_processor_kwargs={"stateful_reduce": {"enabled": False}})
+    a, b = llm.generate([no_question, unreduced], params())
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert engine_state(llm)["skipped"].get("no_text_after_video", 0) == before + 1
+
+
+@pytest.mark.parametrize("options,field", [({"budget": 2.0}, "budget"), ({"schedule": "step"}, "schedule"), ("half", "stateful_reduce")])
+def test_invalid_per_request_options_are_value_errors(llm, options, field) -> None:
+    with pytest.raises(ValueError, match=field):
+        llm.generate([request(random_video(2), options=options)], params())
+    assert llm.generate([request(None)], SamplingParams(max_tokens=2))[0].outputs[0].token_ids  # still serving
