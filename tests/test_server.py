@@ -45,7 +45,7 @@ def real_layout_checkpoint(checkpoint, tmp_path_factory):
 def server(real_layout_checkpoint, media, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "serve.log"
     extra = ["--dtype", "float32", "--gpu-memory-utilization", "0.3", "--allowed-local-media-path", str(media),
-             "--limit-mm-per-prompt", '{"video": 2}']  # fmt: skip
+             "--limit-mm-per-prompt", '{"video": 2}', "--trust-request-mm-kwargs"]  # fmt: skip
     with running_server(real_layout_checkpoint, log_path=log, extra=extra) as url:
         yield url
 
@@ -100,3 +100,22 @@ def test_bad_request_is_400_and_server_keeps_serving(client, server, media, case
     assert requests.get(server + "/health", timeout=5).status_code == 200
     ok = ask(client, video_part(video_data_url(media / "ok.mp4")))
     assert ok.choices[0].message.content.strip()
+
+
+def test_per_request_reduction_options(client, server, media) -> None:
+    part = video_part(video_data_url(media / "ok.mp4"))
+    model = client.models.list().data[0].id
+
+    def chat(options):
+        return client.chat.completions.create(
+            model=model, max_tokens=4, temperature=0.0,
+            messages=[{"role": "user", "content": [part, {"type": "text", "text": "Where is it?"}]}],
+            extra_body={"mm_processor_kwargs": {"stateful_reduce": options}},
+        )  # fmt: skip
+
+    assert chat({"budget": 0.5, "enabled": True}).choices[0].message.content is not None
+    for bad, field in (({"budget": 2}, "budget"), ({"schedule": "step"}, "schedule"), ({"enabled": "maybe"}, "enabled")):
+        with pytest.raises(openai.BadRequestError) as err:
+            chat(bad)
+        assert err.value.status_code == 400 and field in str(err.value.message), err.value.message
+    assert requests.get(server + "/health", timeout=5).status_code == 200
