@@ -148,3 +148,16 @@ def test_invalid_per_request_options_are_value_errors(llm, options, field) -> No
     with pytest.raises(ValueError, match=field):
         llm.generate([request(random_video(2), options=options)], params())
     assert llm.generate([request(None)], SamplingParams(max_tokens=2))[0].outputs[0].token_ids  # still serving
+
+
+def test_abort_leaves_no_state(llm) -> None:
+    engine = llm.llm_engine
+    engine.add_request("to_abort", request(random_video(16, seed=6)), params())
+    for _ in range(3):  # prefill (reduced) + two decode steps
+        engine.step()
+    dropped = lambda: llm.collective_rpc(lambda w: set(w.model_runner.model.reduction_state.dropped))[0]  # noqa: E731
+    assert any(k.startswith("to_abort") for k in dropped())
+    engine.abort_request(["to_abort"])
+    out = llm.generate([request(None)], SamplingParams(max_tokens=2))  # a later step prunes it
+    assert out[0].outputs[0].token_ids
+    assert not any(k.startswith("to_abort") for k in dropped())

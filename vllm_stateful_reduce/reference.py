@@ -134,8 +134,8 @@ class ReferenceNanoVL:
         pattern = self.config["llm_config"]["layers_block_type"]
         pattern = "".join({"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*"}.get(k, "-") for k in pattern)
         ids = torch.tensor(input_ids)
-        visual = torch.nonzero(ids == self.image_context_id).flatten()
         prompt_len = num_prompt_tokens or len(input_ids)
+        visual = torch.nonzero(ids[:prompt_len] == self.image_context_id).flatten()
         # the question: prompt text after the last video's closing `</img>`
         query = torch.arange(int(visual[-1]) + 1 + self.video_end_length, prompt_len) if len(visual) else torch.arange(0)
         boundaries = boundary_blocks(pattern, config)

@@ -119,14 +119,15 @@ class ReducibleNemotronHModel(NemotronHModel):
 
     def _plan_prefill(self, req: Request, ids: torch.Tensor) -> None:
         config: ReductionConfig = req.info.config
-        visual = torch.nonzero(ids == self.image_context_id).flatten().cpu()
+        # visual rows of the prompt (a recomputed request also carries its output)
+        visual = torch.nonzero(ids[: req.info.num_prompt_tokens] == self.image_context_id).flatten().cpu()
         reason = None
-        if not len(visual):
+        if req.rows < req.info.num_prompt_tokens:
+            reason = "prompt_split_across_steps"
+        elif not len(visual):
             reason = "no_video"
         elif not config.enabled:
             reason = "disabled"
-        elif req.rows < req.info.num_prompt_tokens:
-            reason = "prompt_split_across_steps"
         # the question: prompt text after the last video's closing wrapper (`</img>`)
         first_query = int(visual[-1]) + 1 + self.video_end_length if reason is None else 0
         query = torch.arange(first_query, req.info.num_prompt_tokens) if reason is None else None
