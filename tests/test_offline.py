@@ -9,7 +9,6 @@ import pytest
 import torch
 from vllm import LLM, SamplingParams
 
-import vllm_stateful_reduce
 from vllm_stateful_reduce.checkpoint import export_language_model
 from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
 from vllm_stateful_reduce.model.processing import frames_to_pixel_values

@@ -7,7 +7,6 @@ videos here are reduced by the schedule rather than by the floor.
 
 import numpy as np
 import pytest
-import torch
 from vllm import LLM, SamplingParams
 
 from vllm_stateful_reduce.config import parse

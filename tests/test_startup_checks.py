@@ -31,3 +31,13 @@ def test_required_settings_are_accepted_and_state_is_float32(checkpoint) -> None
 def test_refuses_settings_that_split_or_compile_a_prompt(checkpoint, overrides, flag) -> None:
     with pytest.raises(ValueError, match=flag):
         make_config(checkpoint, **overrides)
+
+
+@pytest.mark.parametrize(
+    "reduction,field",
+    [({"budget": 1.5}, "budget"), ({"schedule": "cosine"}, "schedule"), ({"budget": 0.05}, "budget"), ({"bugdet": 0.3}, "bugdet")],
+)
+def test_refuses_bad_reduction_config_by_field(checkpoint, reduction, field) -> None:
+    """Invalid or (for this block layout) unreachable settings fail before any process starts."""
+    with pytest.raises(ValueError, match=field):
+        make_config(checkpoint, additional_config={"stateful_reduce": reduction})

@@ -6,7 +6,7 @@ vLLM calls `register()` (entry point group `vllm.general_plugins`, name
 
 ARCHITECTURE = "NemotronH_Nano_VL_V2_StatefulReduce"
 
-from .vllm_compat import REQUIRED_ENGINE_ARGS  # noqa: E402
+from .vllm_compat import REQUIRED_ENGINE_ARGS  # noqa: E402,F401  (public)
 
 _registered = False
 

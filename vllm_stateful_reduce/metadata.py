@@ -35,7 +35,7 @@ class StageLayout:
         return torch.tensor([0, *torch.tensor(self.query_lens).cumsum(0).tolist()], dtype=torch.int32)
 
 
-def _standard_fields(meta) -> tuple[torch.Tensor, torch.Tensor]:
+def standard_fields(meta) -> tuple[torch.Tensor, torch.Tensor]:
     """(seq_lens, block_table) of a backend's metadata; the common backends name them so."""
     try:
         return meta.seq_lens, meta.block_table
@@ -50,7 +50,7 @@ def logical_slots(block_table: torch.Tensor, row_request: torch.Tensor, logical_
 
 def attention_metadata(builder, meta, layout: StageLayout) -> tuple[object, torch.Tensor]:
     """(new metadata, new slot mapping) for one attention KV-cache group."""
-    _, block_table = _standard_fields(meta)
+    _, block_table = standard_fields(meta)
     device = block_table.device
     qsl = layout.query_start_loc
     slots = logical_slots(block_table, layout.row_request.to(device), layout.logical_pos.to(device), builder.kv_cache_spec.block_size)

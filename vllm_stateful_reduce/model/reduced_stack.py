@@ -29,7 +29,6 @@ from vllm.model_executor.models.nemotron_h import (
 from .. import metadata as md
 from .. import scoring
 from ..config import ReductionConfig
-from ..kernels.reference import gather_rows as gather_rows_reference
 from ..schedule import SCORING_KINDS, boundary_blocks, build_schedule
 from ..state import ReductionState, RequestInfo
 
@@ -97,7 +96,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         attn_meta = attn_md.get(self._attention_names()[0]) if self._attention_names() else None
         if attn_meta is None:
             return None
-        seq_lens, _ = md._standard_fields(attn_meta)
+        seq_lens, _ = md.standard_fields(attn_meta)
         qsl = attn_meta.query_start_loc.cpu().tolist()
         seq_lens = seq_lens.cpu().tolist()
         if len(qsl) - 1 != len(infos):
@@ -296,7 +295,7 @@ class ReducibleNemotronHModel(NemotronHModel):
             layer = self.vllm_config.compilation_config.static_forward_context[layer_name]
             spec = layer.get_kv_cache_spec(self.vllm_config)
             names = self._attention_names()
-            device = md._standard_fields(meta)[1].device
+            device = md.standard_fields(meta)[1].device
             self._builders[id(type(meta))] = layer.get_attn_backend().get_builder_cls()(spec, names, self.vllm_config, device)
         return self._builders[id(type(meta))]
 
