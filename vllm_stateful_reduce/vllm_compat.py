@@ -39,6 +39,11 @@ def engine_setting_problems(vllm_config: "VllmConfig") -> list[str]:
         problems.append("the reduced stack has data-dependent shapes: pass --enforce-eager (enforce_eager=True)")
     if vllm_config.parallel_config.pipeline_parallel_size != 1:
         problems.append("pipeline parallelism is not supported: use --pipeline-parallel-size 1")
+    if vllm_config.use_v2_model_runner:
+        problems.append(
+            "Model Runner V2 does not yet tell the model who is in the batch (see install_runner_glue): "
+            "set VLLM_USE_V2_MODEL_RUNNER=0"
+        )
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding is not supported: drop --speculative-config")
     return problems
