@@ -66,7 +66,11 @@ class ReducibleNemotronHModel(NemotronHModel):
         self.batch_requests: list[RequestInfo] = []
         self.image_context_id: int | None = None  # set by the VLM
         self.video_end_length = 1  # tokens of `</img>`; set by the VLM
-        self._builders: dict[int, object] = {}
+        self._builders: dict[type, object] = {}
+        self.attention_names = [
+            l.mixer.attn.layer_name for l in self.layers if isinstance(l, NemotronHAttentionDecoderLayer)
+        ]
+        self.mamba_names = [l.mixer.prefix for l in self.layers if isinstance(l, NemotronHMambaDecoderLayer)]
         self._captured: dict[int, torch.Tensor] = {}
         self._capturing = False
         for i, layer in enumerate(self.layers):
@@ -93,7 +97,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         infos = self.batch_requests
         if not isinstance(attn_md, dict) or not infos or input_ids is None:
             return None
-        attn_meta = attn_md.get(self._attention_names()[0]) if self._attention_names() else None
+        attn_meta = attn_md.get(self.attention_names[0]) if self.attention_names else None
         if attn_meta is None:
             return None
         seq_lens, _ = md.standard_fields(attn_meta)
@@ -233,10 +237,10 @@ class ReducibleNemotronHModel(NemotronHModel):
                 k = req.keep[stage]
                 order = torch.sort(req.scores, descending=True, stable=True).indices[:k]
                 kept_visual = torch.sort(order).values
-                drop = torch.ones(req.rows, dtype=torch.bool)
-                drop[req.visual] = False
-                drop[req.visual[kept_visual]] = True
-                local = torch.nonzero(drop).flatten()
+                stay = torch.ones(req.rows, dtype=torch.bool)
+                stay[req.visual] = False
+                stay[req.visual[kept_visual]] = True
+                local = torch.nonzero(stay).flatten()
                 changed |= len(local) != req.rows
                 # re-express visual/query rows in the new local coordinates
                 new_index = torch.full((req.rows,), -1, dtype=torch.long)
@@ -260,12 +264,12 @@ class ReducibleNemotronHModel(NemotronHModel):
         layout = self._layout(requests, stage)
         ctx = get_forward_context()
         rebuilt: dict[int, tuple[object, torch.Tensor | None]] = {}
-        for name in self._attention_names():
+        for name in self.attention_names:
             meta = ctx.attn_metadata[name]
             if id(meta) not in rebuilt:
                 rebuilt[id(meta)] = md.attention_metadata(self._builder(name, meta), meta, layout)
             ctx.attn_metadata[name], ctx.slot_mapping[name] = rebuilt[id(meta)]
-        for name in self._mamba_names():
+        for name in self.mamba_names:
             meta = ctx.attn_metadata[name]
             if id(meta) not in rebuilt:
                 rebuilt[id(meta)] = (md.mamba_metadata(meta, layout, meta.chunk_size), None)
@@ -291,19 +295,13 @@ class ReducibleNemotronHModel(NemotronHModel):
 
     def _builder(self, layer_name: str, meta) -> object:
         """The attention backend's metadata builder for this layer's KV-cache group."""
-        if id(type(meta)) not in self._builders:
+        if type(meta) not in self._builders:
             layer = self.vllm_config.compilation_config.static_forward_context[layer_name]
             spec = layer.get_kv_cache_spec(self.vllm_config)
-            names = self._attention_names()
+            names = self.attention_names
             device = md.standard_fields(meta)[1].device
-            self._builders[id(type(meta))] = layer.get_attn_backend().get_builder_cls()(spec, names, self.vllm_config, device)
-        return self._builders[id(type(meta))]
-
-    def _attention_names(self) -> list[str]:
-        return [l.mixer.attn.layer_name for l in self.layers if isinstance(l, NemotronHAttentionDecoderLayer)]
-
-    def _mamba_names(self) -> list[str]:
-        return [l.mixer.prefix for l in self.layers if isinstance(l, NemotronHMambaDecoderLayer)]
+            self._builders[type(meta)] = layer.get_attn_backend().get_builder_cls()(spec, names, self.vllm_config, device)
+        return self._builders[type(meta)]
 
 
 class ReducibleNemotronHForCausalLM(NemotronHForCausalLM):
