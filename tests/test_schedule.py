@@ -10,7 +10,7 @@ SMALL = "M*-M-M*-M-M*-"
 
 
 @pytest.mark.parametrize("pattern", [NANO, SMALL])
-@pytest.mark.parametrize("schedule", ["sigmoid", "step"])
+@pytest.mark.parametrize("schedule", ["sigmoid", "step", "geometric"])
 @pytest.mark.parametrize("budget", [0.25, 0.35, 0.5, 1.0])
 @pytest.mark.parametrize("num_visual", [97, 1000, 25_600])
 def test_depth_average_hits_the_budget(pattern, schedule, budget, num_visual) -> None:

@@ -24,15 +24,18 @@ class ReductionConfig(BaseModel):
     (`budget_mode="depth_average"`, mean_l |V_l| / N_v), or the fraction left after
     the last stage (`"final_ratio"`)."""
     budget_mode: Literal["depth_average", "final_ratio"] = "depth_average"
-    schedule: Literal["sigmoid", "step"] | list[float] = "sigmoid"
+    schedule: Literal["sigmoid", "step", "geometric"] | list[float] = "sigmoid"
     """`sigmoid`: r(l) = floor + (1 - floor) * sigmoid((l0 - l) / (temperature * depth)),
     l0 solved for the budget; `step`: all tokens until the first boundary, then one
-    constant ratio; a list: the keep ratio of each stage after a boundary."""
+    constant ratio; `geometric`: stage j keeps lambda^j (PyramidDrop-style staged
+    decay), lambda solved for the budget; a list: the keep ratio of each stage."""
     sigmoid_floor: float = Field(0.05, ge=0.0, lt=1.0)
     sigmoid_temperature: float = Field(0.15, gt=0.0)
     boundaries: Literal["attention"] | list[int] = "attention"
     """Blocks after which tokens are dropped: after every attention block, or these
     block indices."""
+    selection: Literal["scores", "random"] = "scores"
+    """`random`: keep a seeded random subset of the same size (a baseline)."""
     score_layers: Literal["all", "attention", "mamba"] = "all"
     """Which blocks of a stage contribute scores: attention (softmax of the query rows),
     Mamba2 (C_Q . B_V proxy), or both; each block's scores are normalised to sum 1."""

@@ -19,17 +19,34 @@ from .schedule import SCORING_KINDS, boundary_blocks, build_schedule
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, NemotronHConfig, NemotronHForCausalLM, PretrainedConfig
 
 
-class ReferenceNanoVL:
+class TensorDict(nn.Module):
+    """Checkpoint tensors under their dotted names, as trainable parameters."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.names = list(tensors)
+        self.params = nn.ParameterList(nn.Parameter(t, requires_grad=t.is_floating_point()) for t in tensors.values())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.params[self.names.index(name)]
+
+    def items(self):
+        return zip(self.names, self.params)
+
+
+class ReferenceNanoVL(nn.Module):
     def __init__(self, checkpoint: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
         ckpt = Path(checkpoint)
         self.config, _ = PretrainedConfig.get_config_dict(ckpt)
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(ckpt / "model.safetensors").items()}
-        self.vit = {k.removeprefix("vision_model.radio_model."): v for k, v in tensors.items() if k.startswith("vision_model.")}
-        self.mlp1 = {k.removeprefix("mlp1."): v for k, v in tensors.items() if k.startswith("mlp1.")}
+        self.vit = TensorDict({k.removeprefix("vision_model.radio_model."): v for k, v in tensors.items() if k.startswith("vision_model.")})
+        self.mlp1 = TensorDict({k.removeprefix("mlp1."): v for k, v in tensors.items() if k.startswith("mlp1.")})
         text_config = NemotronHConfig(**self.config["llm_config"])
         self.lm = NemotronHForCausalLM(text_config).to(dtype).eval()
         lm_state = {k.removeprefix("language_model."): v for k, v in tensors.items() if k.startswith("language_model.")}
@@ -41,7 +58,13 @@ class ReferenceNanoVL:
         self.image_context_id = self.config["img_context_token_id"]
         self.video_end_length = len(AutoTokenizer.from_pretrained(ckpt).encode("</img>", add_special_tokens=False))
 
-    @torch.no_grad()
+    def checkpoint_tensors(self, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+        """All weights under the checkpoint's names (for saving after training)."""
+        out = {f"vision_model.radio_model.{k}": v for k, v in self.vit.items()}
+        out |= {f"mlp1.{k}": v for k, v in self.mlp1.items()}
+        out |= {f"language_model.{k}": v for k, v in self.lm.state_dict().items()}
+        return {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous() for k, v in out.items()}
+
     def vision_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(frames, 3, S, S) normalised pixels -> (frames, S*S/(4*p*p), llm_hidden)."""
         w, p = self.vit, self.patch
@@ -131,6 +154,8 @@ class ReferenceNanoVL:
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Last-position logits and, per stage, the kept original positions of the visual
         tokens. With `kept` given, those rows are kept (decode steps) instead of scoring."""
+        if config.selection != "scores":
+            raise ValueError("the reference implements score-based selection only")
         pattern = self.config["llm_config"]["layers_block_type"]
         pattern = "".join({"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*"}.get(k, "-") for k in pattern)
         ids = torch.tensor(input_ids)

@@ -80,7 +80,7 @@ def build_schedule(pattern: str, config: ReductionConfig) -> Schedule:
     if config.budget_mode == "final_ratio":
         if config.schedule == "step":
             return Schedule(boundaries, [1.0] + [budget] * stages)
-        return Schedule(boundaries, [1.0] + [budget ** (j / stages) for j in range(1, stages + 1)])
+        return Schedule(boundaries, _geometric(budget ** (1 / stages), stages))
     smallest = sizes[0] / len(pattern) + (config.sigmoid_floor if config.schedule == "sigmoid" else 0.0) * (
         1 - sizes[0] / len(pattern)
     )
@@ -92,12 +92,23 @@ def build_schedule(pattern: str, config: ReductionConfig) -> Schedule:
     if config.schedule == "step":
         rest = len(pattern) - sizes[0]
         return Schedule(boundaries, [1.0] + [(budget * len(pattern) - sizes[0]) / rest] * stages)
-    # sigmoid: the depth mean grows with l0; bisect for the budget
-    lo, hi = -10.0 * len(pattern), 10.0 * len(pattern)
+    if config.schedule == "geometric":
+        return Schedule(boundaries, _geometric(_bisect(lambda lam: _depth_mean(sizes, _geometric(lam, stages)), budget, 0.0, 1.0), stages))
+    # sigmoid: the depth mean grows with l0
+    def ratios(l0: float) -> list[float]:
+        return _sigmoid_ratios(sizes, l0, config.sigmoid_floor, config.sigmoid_temperature)
+
+    n = len(pattern)
+    return Schedule(boundaries, ratios(_bisect(lambda l0: _depth_mean(sizes, ratios(l0)), budget, -10.0 * n, 10.0 * n)))
+
+
+def _geometric(lam: float, stages: int) -> list[float]:
+    return [lam**j for j in range(stages + 1)]
+
+
+def _bisect(f, target: float, lo: float, hi: float) -> float:
+    """x in [lo, hi] with f(x) = target, f increasing."""
     for _ in range(200):
         mid = (lo + hi) / 2
-        if _depth_mean(sizes, _sigmoid_ratios(sizes, mid, config.sigmoid_floor, config.sigmoid_temperature)) < budget:
-            lo = mid
-        else:
-            hi = mid
-    return Schedule(boundaries, _sigmoid_ratios(sizes, (lo + hi) / 2, config.sigmoid_floor, config.sigmoid_temperature))
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return (lo + hi) / 2

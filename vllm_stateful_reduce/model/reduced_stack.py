@@ -210,7 +210,7 @@ class ReducibleNemotronHModel(NemotronHModel):
 
     def _scores_block(self, block: int, config: ReductionConfig) -> bool:
         kind = SCORING_KINDS.get(self.pattern[block])
-        return kind is not None and config.score_layers in ("all", kind)
+        return config.selection == "scores" and kind is not None and config.score_layers in ("all", kind)
 
     def _add_scores(self, block: int, layer, requests: list[Request], config: ReductionConfig) -> None:
         out = self._captured.pop(block)
@@ -235,7 +235,11 @@ class ReducibleNemotronHModel(NemotronHModel):
             local = torch.arange(req.rows)
             if req.keep is not None:
                 k = req.keep[stage]
-                order = torch.sort(req.scores, descending=True, stable=True).indices[:k]
+                if req.info.config.selection == "random":  # baseline: seeded, same count
+                    generator = torch.Generator().manual_seed(1_000_003 * stage + len(req.scores))
+                    order = torch.randperm(len(req.scores), generator=generator)[:k]
+                else:
+                    order = torch.sort(req.scores, descending=True, stable=True).indices[:k]
                 kept_visual = torch.sort(order).values
                 stay = torch.ones(req.rows, dtype=torch.bool)
                 stay[req.visual] = False
