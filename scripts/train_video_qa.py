@@ -11,6 +11,7 @@ the plugin. Progress (loss, held-out accuracy per task) is printed as it trains.
 
 import argparse
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=18.0)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -106,7 +108,13 @@ def main() -> None:
     deadline = time.monotonic() + 60 * args.minutes
     step, seed, history = 0, TRAIN_SEEDS.start, []
     held_out = TEST_SEEDS[:10_000]  # the benchmark draws its test split from TEST_SEEDS too
+    began = time.monotonic()
     while time.monotonic() < deadline:
+        # linear warm-up, then cosine decay to 10% over the time budget
+        progress = (time.monotonic() - began) / (deadline - began)
+        scale = min(1.0, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+        for group in opt.param_groups:
+            group["lr"] = args.lr * scale
         kind = KINDS[step % len(KINDS)]
         examples = [make_example(seed + i, kind=kind) for i in range(args.batch)]
         seed += args.batch
