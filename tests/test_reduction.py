@@ -160,3 +160,20 @@ def test_abort_leaves_no_state(llm) -> None:
     out = llm.generate([request(None)], SamplingParams(max_tokens=2))  # a later step prunes it
     assert out[0].outputs[0].token_ids
     assert not any(k.startswith("to_abort") for k in dropped())
+
+
+def test_evs_before_the_llm_then_ours_matches_reference(llm, reference, hf_config) -> None:
+    """EVS-style pruning of the input embeddings (per request), then the in-LLM schedule."""
+    video = random_video(16, seed=7)
+    video[8:12] = video[7]  # four static frames: EVS should drop their tokens first
+    options = {"evs_rate": 0.5, "budget": 0.5}
+    out = llm.generate([request(video, options=options)], params())[0]
+    ours = kept_of(engine_state(llm), out.request_id)
+    pixels = [frames_to_pixel_values(video, hf_config.force_image_size, hf_config.norm_mean, hf_config.norm_std)]
+    tokens, logprobs, kept = reference.greedy(out.prompt_token_ids, pixels, parse(GLOBAL).with_overrides(options), DECODE_TOKENS)
+    assert list(out.outputs[0].token_ids) == tokens
+    assert ours == [k.tolist() for k in kept]
+    visual = [i for i, t in enumerate(out.prompt_token_ids) if t == reference.image_context_id]
+    assert len(ours[0]) == len(visual) // 2  # int(N * (1 - 0.5)) enter the LLM
+    static = set(visual[8 * 4 + 4 : 12 * 4])  # tokens of frames 9-12 (1-based), identical to their predecessor
+    assert not static & set(ours[0])

@@ -23,7 +23,7 @@ def test_quick_benchmark_writes_table_json_and_plot(checkpoint, tmp_path) -> Non
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     report = json.loads(out_json.read_text())
     summary = report["summary"]
-    for key in ("full_accuracy", "ours_25_accuracy", "fastv_25_accuracy", "random_25_accuracy", "chance_accuracy"):
+    for key in ("full_accuracy", "ours_25_accuracy", "fastv_25_accuracy", "random_25_accuracy", "evs_25_accuracy", "chance_accuracy"):
         assert 0.0 <= summary[key] <= 1.0, key
     assert report["results"]["ours"]["0.25"]["n"] == 80
     assert set(report["results"]["ours"]["0.25"]["per_kind"]) == {"which_frame", "count", "colour_at", "order"}

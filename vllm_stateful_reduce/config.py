@@ -43,6 +43,10 @@ class ReductionConfig(BaseModel):
     """Multiply the Mamba proxy by exp(A * sum dt) (the decay the paper drops)."""
     mamba_dt: bool = True
     """Weight the Mamba proxy of token s by its step size dt_s."""
+    evs_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    """EVS-style pruning before the LLM: drop this fraction of the visual tokens that
+    changed least since the previous frame (vLLM's EVS rule; the first frame stays).
+    The in-LLM budget then applies to the tokens that remain."""
     min_keep: int = Field(16, ge=1)
     """Never keep fewer visual tokens than this per request (or all, if fewer)."""
 
@@ -71,7 +75,7 @@ class ReductionConfig(BaseModel):
         return self
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> "ReductionConfig":
-        """This config with per-request `overrides` (only `enabled` and `budget`)."""
+        """This config with per-request `overrides` (only PER_REQUEST_FIELDS)."""
         if not overrides:
             return self
         unknown = set(overrides) - PER_REQUEST_FIELDS
@@ -82,7 +86,7 @@ class ReductionConfig(BaseModel):
         return parse(self.model_dump() | dict(overrides))
 
 
-PER_REQUEST_FIELDS = {"enabled", "budget"}
+PER_REQUEST_FIELDS = {"enabled", "budget", "evs_rate"}
 
 
 def parse(raw: Mapping[str, Any] | None) -> ReductionConfig:

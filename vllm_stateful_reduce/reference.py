@@ -143,6 +143,17 @@ class ReferenceNanoVL(nn.Module):
             w = w * torch.exp(-torch.exp(m.A_log)[None, None] * (cum[q_rows][:, None] - cum[v_rows][None]))
         return (cb * w).sum(dim=2).mean(0)
 
+    def _evs_keep(self, embeds: torch.Tensor, rate: float) -> torch.Tensor:
+        """Visual tokens to keep: most changed since the previous frame (same spatial
+        slot, 1 - cosine similarity), the first frame always; int(N (1 - rate)) of them."""
+        side = self.config["force_image_size"] // self.patch
+        per_frame = int(side * side * self.config["downsample_ratio"] ** 2)
+        frames = embeds.view(-1, per_frame, embeds.shape[-1])
+        change = 1 - F.cosine_similarity(frames[1:], frames[:-1], dim=-1)
+        change = torch.cat([torch.full((1, per_frame), 255.0), change]).flatten()
+        count = max(per_frame, int(len(embeds) * (1 - rate)))
+        return torch.sort(torch.sort(change, descending=True, stable=True).indices[:count]).values
+
     @torch.no_grad()
     def reduced_forward(
         self,
@@ -164,12 +175,16 @@ class ReferenceNanoVL(nn.Module):
         # the question: prompt text after the last video's closing `</img>`
         query = torch.arange(int(visual[-1]) + 1 + self.video_end_length, prompt_len) if len(visual) else torch.arange(0)
         boundaries = boundary_blocks(pattern, config)
-        keep = build_schedule(pattern, config).keep_counts(len(visual), config.min_keep) if len(visual) else []
         reduce = config.enabled and len(visual) > 0 and len(query) > 0
         rows = torch.arange(len(ids))  # original position of each current row
         h = self._embeds(input_ids, pixel_values)
-        scores = torch.zeros(len(visual))
         out_kept: list[torch.Tensor] = [visual]
+        if reduce and config.evs_rate:  # EVS before the LLM: drop the most static tokens
+            out_kept = [kept[0] if kept is not None else visual[self._evs_keep(h[visual], config.evs_rate)]]
+            stay = ~torch.isin(rows, visual) | torch.isin(rows, out_kept[0])
+            h, rows = h[stay], rows[stay]
+        keep = build_schedule(pattern, config).keep_counts(len(out_kept[0]), config.min_keep) if len(visual) else []
+        scores = torch.zeros(len(out_kept[0]))
         stage = 0
         for i, block in enumerate(self.lm.model.layers):
             kind = SCORING_KINDS.get(pattern[i])

@@ -78,6 +78,7 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
         stack.image_context_id = config.img_context_token_id
         tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
         stack.video_end_length = len(tokenizer.encode(IMG_END, add_special_tokens=False))
+        stack.tokens_per_frame = config.tokens_per_frame
         dtype = vllm_config.model_config.dtype
         with self._mark_tower_model(vllm_config, "video"):
             self.vision_model = RadioModel(config=radio_config_from(config)).to(dtype)

@@ -31,9 +31,10 @@ from ..config import CONFIG_KEY, ReductionConfig
 from .config import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER, NemotronNanoVLConfig
 
 
-# Per-request reduction options travel as a per-video tensor [enabled, budget]
-# (NaN = not set), kept with the request's multimodal features.
+# Per-request reduction options travel as a per-video tensor, one value per field of
+# OPTION_NAMES (NaN = not set), kept with the request's multimodal features.
 OPTIONS_FIELD = "stateful_reduce_options"
+OPTION_NAMES = ("enabled", "budget", "evs_rate")
 
 
 def encode_options(options: object) -> torch.Tensor:
@@ -43,20 +44,13 @@ def encode_options(options: object) -> torch.Tensor:
     overrides = dict(options) if options is not None else None
     ReductionConfig().with_overrides(overrides)  # raises ValueError on bad input
     overrides = overrides or {}
-    enabled = overrides.get("enabled")
-    budget = overrides.get("budget")
-    return torch.tensor(
-        [float("nan") if enabled is None else float(enabled), float("nan") if budget is None else float(budget)]
-    )
+    return torch.tensor([float("nan") if overrides.get(k) is None else float(overrides[k]) for k in OPTION_NAMES])
 
 
 def decode_options(encoded: torch.Tensor) -> dict | None:
-    enabled, budget = encoded.flatten().tolist()
-    out = {}
-    if enabled == enabled:  # not NaN
-        out["enabled"] = bool(enabled)
-    if budget == budget:
-        out["budget"] = budget
+    out = {k: v for k, v in zip(OPTION_NAMES, encoded.flatten().tolist()) if v == v}  # drop NaN
+    if "enabled" in out:
+        out["enabled"] = bool(out["enabled"])
     return out or None
 
 
@@ -138,7 +132,7 @@ class NanoVLVideoPreprocessor:
                     for frames, meta in videos
                 ],
                 "frame_duration_ms": torch.tensor([frame_duration_ms(meta) for _f, meta in videos]),
-                OPTIONS_FIELD: options.expand(len(videos), 2).clone(),
+                OPTIONS_FIELD: options.expand(len(videos), len(OPTION_NAMES)).clone(),
             }
         )
 

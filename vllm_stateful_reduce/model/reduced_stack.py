@@ -19,6 +19,7 @@ from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
 from vllm.model_executor.models import nemotron_h
+from vllm.multimodal.video_prune.evs import compute_retained_tokens_count, compute_retention_mask
 from vllm.model_executor.models.nemotron_h import (
     NemotronHAttentionDecoderLayer,
     NemotronHForCausalLM,
@@ -45,6 +46,7 @@ class Request:
     num_computed: int  # logical keys before this step, stage 0
     seq_len: int  # keys after this step, stage 0
     positions: torch.Tensor  # original positions of its current rows
+    start: int = 0  # first row in the batch's input layout
     # reducing requests only (local row indices in the current stage):
     visual: torch.Tensor | None = None
     query: torch.Tensor | None = None
@@ -66,6 +68,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         self.batch_requests: list[RequestInfo] = []
         self.image_context_id: int | None = None  # set by the VLM
         self.video_end_length = 1  # tokens of `</img>`; set by the VLM
+        self.tokens_per_frame = 1  # visual tokens per frame; set by the VLM
         self._builders: dict[type, object] = {}
         self.attention_names = [
             l.mixer.attn.layer_name for l in self.layers if isinstance(l, NemotronHAttentionDecoderLayer)
@@ -111,7 +114,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         for r, info in enumerate(infos):
             start, rows = qsl[r], qsl[r + 1] - qsl[r]
             computed = seq_lens[r] - rows
-            req = Request(r, info, rows, computed, seq_lens[r], torch.arange(computed, seq_lens[r]))
+            req = Request(r, info, rows, computed, seq_lens[r], torch.arange(computed, seq_lens[r]), start)
             if computed == 0:
                 self._plan_prefill(req, input_ids[start : start + rows])
             else:
@@ -137,9 +140,15 @@ class ReducibleNemotronHModel(NemotronHModel):
         if reason is None and not len(query):
             reason = "no_text_after_video"
         keep = None
+        if reason is None and config.evs_rate and len(visual) % self.tokens_per_frame:
+            reason = "visual_tokens_not_whole_frames"
         if reason is None:
+            entering = len(visual)  # visual tokens that enter the LLM after EVS
+            if config.evs_rate:
+                frames = len(visual) // self.tokens_per_frame
+                entering = compute_retained_tokens_count(self.tokens_per_frame, frames, config.evs_rate)
             try:
-                keep = build_schedule(self.pattern, config).keep_counts(len(visual), config.min_keep)
+                keep = build_schedule(self.pattern, config).keep_counts(entering, config.min_keep)
             except ValueError as err:  # a per-request budget this pattern cannot reach
                 reason = f"infeasible: {err}"
             if keep is not None and keep[-1] == len(visual):
@@ -179,6 +188,14 @@ class ReducibleNemotronHModel(NemotronHModel):
         reducing = [r for r in requests if r.keep is not None]
         config = requests[0].info.config  # boundaries and scoring choices are engine-wide
         boundaries = boundary_blocks(self.pattern, config)
+        evs = [r for r in reducing if r.info.config.evs_rate]
+        if evs:  # EVS-style pruning of the input embeddings, before block 0
+            index = self._select(requests, 0, lambda req, _stage: self._evs_choice(req, hidden))
+            if index is not None:
+                hidden = scoring.kernels_for(hidden).gather_rows(hidden, index)
+                orig_rows = orig_rows[index.cpu()]
+        if evs or any(r.dropped and r.dropped[0] for r in requests):
+            self._install_stage(requests, 0)
         stage = 0
         for b, layer in enumerate(self.layers):
             scoring_block = bool(reducing) and stage < len(boundaries) and self._scores_block(b, config)
@@ -189,7 +206,7 @@ class ReducibleNemotronHModel(NemotronHModel):
                 self._add_scores(b, layer, requests, config)
             if stage < len(boundaries) and b == boundaries[stage]:
                 stage += 1
-                index = self._select(requests, stage)
+                index = self._select(requests, stage, self._score_choice)
                 if index is not None:
                     gather = scoring.kernels_for(hidden).gather_rows
                     hidden, residual = gather(hidden, index), gather(residual, index)
@@ -227,20 +244,33 @@ class ReducibleNemotronHModel(NemotronHModel):
                 s = scoring.mamba_block_scores(rows, layer.mixer, req.query, req.visual, config.mamba_dt, config.mamba_decay)
             req.scores += scoring.normalised(s.float().cpu())
 
-    def _select(self, requests: list[Request], stage: int) -> torch.Tensor | None:
-        """Top-k visual rows per reducing request (order kept); the gather index."""
+    def _score_choice(self, req: Request, stage: int) -> torch.Tensor:
+        """Indices (into req.visual) of the top-k by score, or a seeded random k."""
+        k = req.keep[stage]
+        if req.info.config.selection == "random":  # baseline: seeded, same count
+            generator = torch.Generator().manual_seed(1_000_003 * stage + len(req.scores))
+            return torch.randperm(len(req.scores), generator=generator)[:k]
+        return torch.sort(req.scores, descending=True, stable=True).indices[:k]
+
+    def _evs_choice(self, req: Request, hidden: torch.Tensor) -> torch.Tensor:
+        """vLLM's EVS rule on the request's visual input embeddings (frames in order)."""
+        if not req.info.config.evs_rate:
+            return torch.arange(len(req.visual))
+        rows = hidden[req.start + req.visual.to(hidden.device)]
+        side = int(round(self.tokens_per_frame**0.5))
+        mask = compute_retention_mask(rows, (len(rows) // self.tokens_per_frame, side, side), 1, req.info.config.evs_rate)
+        return torch.nonzero(mask.cpu()).flatten()
+
+    def _select(self, requests: list[Request], stage: int, choose) -> torch.Tensor | None:
+        """Keep `choose(req, stage)` of each reducing request's visual rows (order kept),
+        text rows always; returns the gather index (None if nothing changed)."""
         pieces, start, changed = [], 0, False
         for req in requests:
             rows_before = req.rows
             local = torch.arange(req.rows)
             if req.keep is not None:
                 k = req.keep[stage]
-                if req.info.config.selection == "random":  # baseline: seeded, same count
-                    generator = torch.Generator().manual_seed(1_000_003 * stage + len(req.scores))
-                    order = torch.randperm(len(req.scores), generator=generator)[:k]
-                else:
-                    order = torch.sort(req.scores, descending=True, stable=True).indices[:k]
-                kept_visual = torch.sort(order).values
+                kept_visual = torch.sort(choose(req, stage)).values
                 stay = torch.ones(req.rows, dtype=torch.bool)
                 stay[req.visual] = False
                 stay[req.visual[kept_visual]] = True
@@ -255,6 +285,8 @@ class ReducibleNemotronHModel(NemotronHModel):
                 req.scores = torch.zeros(k) if self._stage_scores(stage) else req.scores[kept_visual]
                 req.positions = req.positions[local]
                 req.rows = len(local)
+                if stage == 0:  # EVS: the tokens entering the LLM
+                    req.kept_positions = []
                 req.kept_positions.append(req.positions[req.visual].tolist())
                 if stage + 1 >= len(req.keep):
                     req.keep = None  # last boundary done
