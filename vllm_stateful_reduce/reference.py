@@ -94,6 +94,9 @@ class ReferenceNanoVL(nn.Module):
     @torch.no_grad()
     def logits(self, input_ids: list[int], pixel_values: list[torch.Tensor] = ()) -> torch.Tensor:
         """(len(input_ids), vocab) logits; video i's features fill its `<image>` slots in order."""
+        return self.lm(inputs_embeds=self._embeds(input_ids, pixel_values)[None]).logits[0]
+
+    def _embeds(self, input_ids: list[int], pixel_values: list[torch.Tensor]) -> torch.Tensor:
         ids = torch.tensor(input_ids)
         embeds = self.lm.get_input_embeddings()(ids)
         if pixel_values:
@@ -102,17 +105,9 @@ class ReferenceNanoVL(nn.Module):
             if int(slots.sum()) != visual.shape[0]:
                 raise ValueError(f"{int(slots.sum())} <image> slots for {visual.shape[0]} visual embeddings")
             embeds[slots] = visual.to(embeds.dtype)
-        return self.lm(inputs_embeds=embeds[None]).logits[0]
+        return embeds
 
     # ------------------------------------------------------------ reduced forward
-
-    def _embeds(self, input_ids: list[int], pixel_values: list[torch.Tensor]) -> torch.Tensor:
-        ids = torch.tensor(input_ids)
-        embeds = self.lm.get_input_embeddings()(ids)
-        if pixel_values:
-            visual = torch.cat([self.vision_embeddings(pv).flatten(0, 1) for pv in pixel_values])
-            embeds[ids == self.image_context_id] = visual.to(embeds.dtype)
-        return embeds
 
     def _attention_scores(self, block, h: torch.Tensor, q_rows: torch.Tensor, v_rows: torch.Tensor) -> torch.Tensor:
         """mean_{t in Q, heads} softmax_s(q_t . k_s / sqrt(d)), causal, at the visual columns."""
