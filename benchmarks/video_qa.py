@@ -72,6 +72,7 @@ def main() -> None:
 
     from vllm_stateful_reduce import REQUIRED_ENGINE_ARGS
     from vllm_stateful_reduce.config import parse
+    from vllm_stateful_reduce.media import video_metadata
     from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
     from vllm_stateful_reduce.schedule import build_schedule
     from vllm_stateful_reduce.tasks import TEST_SEEDS, chance_accuracy, make_example
@@ -86,8 +87,7 @@ def main() -> None:
     prompts = [
         {
             "prompt": f"<|im_start|>user\n<video>\n{e.question}<|im_end|>\n<|im_start|>assistant\n",
-            "multi_modal_data": {"video": (e.frames, {"fps": 2.0, "frames_indices": list(range(len(e.frames))),
-                                                      "total_num_frames": len(e.frames), "duration": len(e.frames) / 2.0})},
+            "multi_modal_data": {"video": (e.frames, video_metadata(len(e.frames)))},
         }
         for e in examples
     ]  # fmt: skip

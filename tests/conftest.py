@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 
 from vllm_stateful_reduce import REQUIRED_ENGINE_ARGS  # noqa: E402
 from vllm_stateful_reduce.checkpoint import build_checkpoint  # noqa: E402
+from vllm_stateful_reduce.media import video_metadata  # noqa: E402,F401  (used by the test modules)
 
 MAX_MODEL_LEN = 4096
 
@@ -46,18 +47,6 @@ def engine_kwargs(checkpoint: Path, **overrides) -> dict:
 def random_video(num_frames: int, height: int = 80, width: int = 96, seed: int = 0) -> np.ndarray:
     """Random uint8 RGB frames (never constant), shape (T, H, W, 3)."""
     return np.random.default_rng(seed).integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8)
-
-
-def video_metadata(num_frames: int, fps: float = 2.0) -> dict:
-    """What vLLM's video loader attaches to decoded frames."""
-    return {
-        "fps": fps,
-        "duration": num_frames / fps,
-        "total_num_frames": num_frames,
-        "frames_indices": list(range(num_frames)),
-        "video_backend": "opencv",
-        "do_sample_frames": False,
-    }
 
 
 def chat_prompt(question: str, with_video: bool = True) -> str:

@@ -1,4 +1,5 @@
-"""Client-side video helpers: write frames to a file, wrap a file as a data URL."""
+"""Video helpers: write frames to a file, wrap a file as a data URL, and the frame
+metadata vLLM's video loader attaches (needed with raw frames offline)."""
 
 import base64
 import mimetypes
@@ -27,3 +28,15 @@ def video_data_url(path: str | Path) -> str:
     """A `data:video/...;base64,` URL for an OpenAI `video_url` content part."""
     mime = mimetypes.guess_type(str(path))[0] or "video/mp4"
     return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def video_metadata(num_frames: int, fps: float = 2.0) -> dict:
+    """Metadata for `num_frames` consecutive frames, in the video loader's format."""
+    return {
+        "fps": fps,
+        "duration": num_frames / fps,
+        "total_num_frames": num_frames,
+        "frames_indices": list(range(num_frames)),
+        "video_backend": "opencv",
+        "do_sample_frames": False,
+    }

@@ -28,6 +28,7 @@ from vllm.multimodal.processing.processor import (
 )
 
 from ..config import CONFIG_KEY, ReductionConfig
+from ..media import video_metadata
 from .config import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER, NemotronNanoVLConfig
 
 
@@ -204,15 +205,7 @@ class NanoVLDummyInputsBuilder(BaseDummyInputsBuilder[NanoVLProcessingInfo]):
         videos = self._get_dummy_videos(
             width=size, height=size, num_frames=num_frames, num_videos=mm_counts.get("video", 0)
         )
-        metadata = {
-            "fps": 2.0,
-            "duration": num_frames / 2.0,
-            "total_num_frames": num_frames,
-            "frames_indices": list(range(num_frames)),
-            "video_backend": "opencv",
-            "do_sample_frames": False,
-        }
-        return {"video": [(video, dict(metadata)) for video in videos]}
+        return {"video": [(video, video_metadata(num_frames)) for video in videos]}
 
 
 class NanoVLMultiModalProcessor(BaseMultiModalProcessor[NanoVLProcessingInfo]):
