@@ -30,7 +30,7 @@ from vllm.model_executor.models.nemotron_h import (
 from .. import metadata as md
 from .. import scoring
 from ..config import ReductionConfig
-from ..schedule import SCORING_KINDS, boundary_blocks, build_schedule
+from ..schedule import SCORING_KINDS, Schedule, boundary_blocks, build_schedule
 from ..state import ReductionState, RequestInfo
 
 logger = init_logger(__name__)
@@ -70,6 +70,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         self.video_end_length = 1  # tokens of `</img>`; set by the VLM
         self.tokens_per_frame = 1  # visual tokens per frame; set by the VLM
         self._builders: dict[type, object] = {}
+        self._schedules: dict[str, Schedule] = {}  # by config; a schedule is a bisection
         self.attention_names = [
             l.mixer.attn.layer_name for l in self.layers if isinstance(l, NemotronHAttentionDecoderLayer)
         ]
@@ -148,7 +149,7 @@ class ReducibleNemotronHModel(NemotronHModel):
                 frames = len(visual) // self.tokens_per_frame
                 entering = compute_retained_tokens_count(self.tokens_per_frame, frames, config.evs_rate)
             try:
-                keep = build_schedule(self.pattern, config).keep_counts(entering, config.min_keep)
+                keep = self._schedule(config).keep_counts(entering, config.min_keep)
             except ValueError as err:  # a per-request budget this pattern cannot reach
                 reason = f"infeasible: {err}"
             if keep is not None and keep[-1] == len(visual):
@@ -219,9 +220,15 @@ class ReducibleNemotronHModel(NemotronHModel):
         out[orig_rows.to(hidden.device)] = hidden
         return out
 
+    def _schedule(self, config: ReductionConfig) -> Schedule:
+        key = config.model_dump_json()
+        if key not in self._schedules:
+            self._schedules[key] = build_schedule(self.pattern, config)
+        return self._schedules[key]
+
     def _stage_scores(self, stage: int) -> bool:
         """Whether any block of stage `stage` contributes scores."""
-        config = self.batch_requests[0].config
+        config = self.batch_requests[0].config  # boundaries are engine-wide
         edges = [-1, *boundary_blocks(self.pattern, config), len(self.pattern) - 1]
         return any(self._scores_block(b, config) for b in range(edges[stage] + 1, edges[stage + 1] + 1))
 
