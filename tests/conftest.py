@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 from vllm_stateful_reduce import REQUIRED_ENGINE_ARGS  # noqa: E402
 from vllm_stateful_reduce.checkpoint import build_checkpoint  # noqa: E402
 from vllm_stateful_reduce.media import video_metadata  # noqa: E402,F401  (used by the test modules)
+from vllm_stateful_reduce.tokenizer import chat_prompt  # noqa: E402,F401  (used by the test modules)
 
 MAX_MODEL_LEN = 4096
 
@@ -47,12 +48,6 @@ def engine_kwargs(checkpoint: Path, **overrides) -> dict:
 def random_video(num_frames: int, height: int = 80, width: int = 96, seed: int = 0) -> np.ndarray:
     """Random uint8 RGB frames (never constant), shape (T, H, W, 3)."""
     return np.random.default_rng(seed).integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8)
-
-
-def chat_prompt(question: str, with_video: bool = True) -> str:
-    """The chat template's rendering of one user turn (checked in test_processor)."""
-    video = "<video>\n" if with_video else ""
-    return f"<|im_start|>user\n{video}{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def shutdown(llm) -> None:

@@ -98,7 +98,7 @@ def test_bad_videos_raise_value_error(processor, frames, meta, message) -> None:
 
 
 def test_chat_template_places_video_placeholder(processor: NanoVLVideoPreprocessor) -> None:
-    parts = [{"type": "video_url", "video_url": {"url": "x"}}, {"type": "text", "text": "\nWhat?"}]
+    parts = [{"type": "video_url", "video_url": {"url": "x"}}, {"type": "text", "text": "What?"}]
     for content in (parts, "<video>\nWhat?"):
         rendered = processor.tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True

@@ -18,20 +18,28 @@ PAD, BOS, EOS = "<pad>", "<s>", "</s>"  # ids 0, 1, 2 as NemotronH's config expe
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, IMG_CONTEXT, IMG_START, IMG_END, VIDEO_PLACEHOLDER, IM_START, IM_END]
 
-# Content may be a string (vLLM inserts "<video>" itself) or a list of OpenAI parts.
+# Content may be a string (vLLM inserts "<video>" itself) or a list of OpenAI parts;
+# a video part renders as "<video>\n", the layout of a string prompt "<video>\n{question}".
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'text' %}{{ part['text'] }}"
-    "{% elif part['type'] in ('video', 'video_url') %}{{ '<video>' }}{% endif %}"
+    "{% elif part['type'] in ('video', 'video_url') %}{{ '<video>\\n' }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+
+
+def chat_prompt(question: str, with_video: bool = True) -> str:
+    """CHAT_TEMPLATE's rendering of one user turn with the generation prompt, for
+    offline prompts (tests check that the template renders exactly this)."""
+    video = "<video>\n" if with_video else ""
+    return f"{IM_START}user\n{video}{question}{IM_END}\n{IM_START}assistant\n"
 
 def default_corpus() -> list[str]:
     """Text the tokenizer should compress well: frame wrappers, numbers, chat words."""
