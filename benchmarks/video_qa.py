@@ -1,6 +1,6 @@
 """Long-video QA accuracy under token reduction, through vLLM with the plugin.
 
-    python benchmarks/video_qa.py --model artifacts/video-qa-model --json out.json --png out.png [--quick]
+    python benchmarks/video_qa.py [--model models/video-qa-small] --json out.json --png out.png [--quick]
 
 Runs the held-out split of `vllm_stateful_reduce.tasks` with offline `LLM.generate`
 for each method and budget and reports exact-match accuracy:
@@ -23,6 +23,7 @@ with the model's block layout is reported as null with the reason.
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -32,12 +33,13 @@ from pathlib import Path
 os.environ.setdefault("VLLM_PLUGINS", "stateful_reduce")
 
 BUDGETS = [0.5, 0.35, 0.25, 0.15]
+QUICK_METHODS = ["fastv", "random", "ours_attention_only"]  # besides ours (which also hosts full and evs)
 
 
 def method_configs(pattern: str) -> dict[str, dict]:
     """Engine-wide reduction settings per method (the budget comes per request)."""
     attention = [i for i, k in enumerate(pattern) if k == "*"]
-    ours = {"boundaries": sorted({0, *attention} - {len(pattern) - 1}), "min_keep": 1}
+    ours = {"min_keep": 1}  # the plugin's defaults: sigmoid schedule, boundaries after attention blocks
     return {
         "ours": ours,
         "fastv": {"boundaries": [attention[0]], "schedule": "step", "score_layers": "attention", "min_keep": 1},
@@ -63,7 +65,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parent.parent / "models" / "video-qa-small")
     parser.add_argument("--examples", type=int, default=400, help="held-out examples (all four task kinds)")
-    parser.add_argument("--quick", action="store_true", help="ours/fastv/random/evs at 25%% on 80 examples (a few minutes)")
+    parser.add_argument("--quick", action="store_true", help="ours, fastv, random, ours_attention_only and evs at 25%% on 80 examples (~2 min)")
+    parser.add_argument("--methods", help="comma-separated in-LLM methods to run besides ours (default: all)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
     args = parser.parse_args()
@@ -76,17 +79,20 @@ def main() -> None:
     from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
     from vllm_stateful_reduce.schedule import build_schedule
     from vllm_stateful_reduce.tasks import TEST_SEEDS, chance_accuracy, make_example
+    from vllm_stateful_reduce.tokenizer import chat_prompt
 
     n = 80 if args.quick else args.examples
     budgets = [0.25] if args.quick else BUDGETS
     pattern = NemotronNanoVLConfig.from_pretrained(args.model).text_config.hybrid_override_pattern
     configs = method_configs(pattern)
-    if args.quick:
-        configs = {k: configs[k] for k in ("ours", "fastv", "random")}
+    chosen = args.methods.split(",") if args.methods else QUICK_METHODS if args.quick else list(configs)
+    if unknown := set(chosen) - set(configs):
+        parser.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted(configs)}")
+    configs = {k: configs[k] for k in configs if k == "ours" or k in chosen}
     examples = [make_example(s) for s in TEST_SEEDS[:n]]
     prompts = [
         {
-            "prompt": f"<|im_start|>user\n<video>\n{e.question}<|im_end|>\n<|im_start|>assistant\n",
+            "prompt": chat_prompt(e.question),
             "multi_modal_data": {"video": (e.frames, video_metadata(len(e.frames)))},
         }
         for e in examples
@@ -98,10 +104,13 @@ def main() -> None:
         outs = llm.generate(requests, params, use_tqdm=False)
         hits = [o.outputs[0].text.strip() == e.answer for o, e in zip(outs, examples)]
         kinds = sorted({e.kind for e in examples})
+        acc = sum(hits) / len(hits)
         return {
-            "accuracy": sum(hits) / len(hits),
+            "accuracy": acc,
+            "stderr": math.sqrt(acc * (1 - acc) / len(hits)),  # binomial standard error
             "per_kind": {k: statistics.mean(h for h, e in zip(hits, examples) if e.kind == k) for k in kinds},
             "n": len(hits),
+            "hits": [int(h) for h in hits],  # per example, for paired comparisons between methods
         }
 
     results: dict[str, dict] = {}
@@ -141,7 +150,14 @@ def main() -> None:
         "fastv_25_accuracy": at("fastv"),
         "random_25_accuracy": at("random"),
         "evs_25_accuracy": at("evs"),
+        "ours_attention_only_25_accuracy": at("ours_attention_only"),
         "chance_accuracy": chance_accuracy(examples),
+        # ours at 25% minus each other method, on the same examples: (mean, standard error)
+        "ours_25_minus": {
+            other: paired_difference(results["ours"]["0.25"], results[other][b])
+            for other, b in (("full", "1.0"), ("fastv", "0.25"), ("random", "0.25"), ("evs", "0.25"), ("ours_decay", "0.25"))
+            if results.get(other, {}).get(b, {}).get("hits")
+        },
     }
     report = {"model": str(args.model), "examples": n, "budgets": budgets, "pattern": pattern,
               "method_configs": configs, "results": results, "summary": summary}  # fmt: skip
@@ -153,12 +169,21 @@ def main() -> None:
             continue
         cells = [at(method, str(b)) for b in budgets]
         print(f"{method:<22}" + "".join(f"{c:>8.3f}" if c is not None else f"{'-':>8}" for c in cells))
-    print(f"chance {summary['chance_accuracy']:.3f}   ({time.monotonic() - started:.0f} s)")
+    print(f"chance {summary['chance_accuracy']:.3f}; standard error of a cell <= {0.5 / math.sqrt(n):.3f}")
+    print("ours@25% minus (same examples, mean +- stderr): "
+          + ", ".join(f"{k} {v['mean']:+.3f} +- {v['stderr']:.3f}" for k, v in summary["ours_25_minus"].items()))
+    print(f"({time.monotonic() - started:.0f} s)")
 
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     if args.png:
         plot(report, args.png)
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """Mean of a's minus b's per-example hits, with the paired standard error."""
+    diff = [x - y for x, y in zip(a["hits"], b["hits"])]
+    return {"mean": statistics.mean(diff), "stderr": statistics.stdev(diff) / math.sqrt(len(diff))}
 
 
 def plot(report: dict, path: Path) -> None:

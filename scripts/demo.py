@@ -1,9 +1,11 @@
-"""`make demo`: serve the small default model with the plugin, ask about a video, report.
+"""`make demo`: serve the small trained model with the plugin and ask it about videos.
 
-Builds the default checkpoint if it is missing, writes a short generated video,
-starts `vllm serve` on loopback, sends one chat request with the video through the
-official `openai` client, prints the answer and the request's prefill time (from
-the server's Prometheus metrics), and stops the server.
+Writes a few held-out videos of the procedural QA task (`--per-kind` per question
+kind) as MP4 files, starts `vllm serve` with the plugin on loopback, sends each video
+with its question through the official `openai` client twice - with all visual tokens
+(per request `enabled: false`) and with the server's default reduction (25% budget) -
+prints question, expected answer and both answers, the accuracy of each, and the
+mean prefill time (from the server's Prometheus metrics), and stops the server.
 """
 
 import argparse
@@ -13,24 +15,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import openai
 
-from vllm_stateful_reduce.checkpoint import build_checkpoint
 from vllm_stateful_reduce.launch import running_server
 from vllm_stateful_reduce.media import video_data_url, write_video
+from vllm_stateful_reduce.tasks import KINDS, TEST_SEEDS, make_example
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = ROOT / "artifacts" / "default-model"
-
-
-def moving_square_video(num_frames: int = 16, size: int = 96) -> np.ndarray:
-    """A red square crossing a grey background: (T, H, W, 3) uint8."""
-    frames = np.full((num_frames, size, size, 3), 90, np.uint8)
-    for t in range(num_frames):
-        x = int(t * (size - 24) / max(num_frames - 1, 1))
-        frames[t, 36:60, x : x + 24] = (220, 30, 30)
-    return frames
+DEFAULT_MODEL = ROOT / "models" / "video-qa-small"
 
 
 def prefill_seconds(base_url: str) -> tuple[float, int]:
@@ -44,40 +36,44 @@ def prefill_seconds(base_url: str) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--question", default="Which way does the red square move?")
+    parser.add_argument("--per-kind", type=int, default=2, help="videos per question kind")
     args = parser.parse_args()
 
-    if not (args.model / "config.json").exists():
-        print(f"building the default checkpoint in {args.model} ...", flush=True)
-        build_checkpoint(args.model)
     work = Path(tempfile.mkdtemp(prefix="vsr-demo-"))
-    video = write_video(moving_square_video(args.frames), work / "square.mp4", fps=4.0)
+    examples = [make_example(TEST_SEEDS[i], kind=kind) for kind in KINDS for i in range(args.per_kind)]
+    videos = [write_video(e.frames, work / f"{e.kind}-{e.seed}.mp4", fps=2.0) for e in examples]
     log = work / "serve.log"
     print(f"starting vllm serve with the plugin (log: {log}) ...", flush=True)
     started = time.monotonic()
-    with running_server(args.model, log_path=log, extra=["--gpu-memory-utilization", "0.3"]) as url:
-        print(f"server up at {url} after {time.monotonic() - started:.0f} s", flush=True)
+    extra = ["--gpu-memory-utilization", "0.3", "--trust-request-mm-kwargs"]  # per-request reduction options
+    with running_server(args.model, log_path=log, extra=extra) as url:
+        print(f"server up at {url} after {time.monotonic() - started:.0f} s\n", flush=True)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
         model = client.models.list().data[0].id
-        before = prefill_seconds(url)
-        reply = client.chat.completions.create(
-            model=model,
-            max_tokens=16,
-            temperature=0.0,
-            messages=[{"role": "user", "content": [
-                {"type": "video_url", "video_url": {"url": video_data_url(video)}},
-                {"type": "text", "text": args.question},
-            ]}],
-        )  # fmt: skip
+        before, right = prefill_seconds(url), {"full": 0, "reduced": 0}
+        print(f"{'video':<22} {'question':<34} {'expected':<9} {'full':<9} reduced 25%")
+        for e, video in zip(examples, videos):
+            answers = {}
+            for mode, options in (("full", {"enabled": False}), ("reduced", {})):
+                reply = client.chat.completions.create(
+                    model=model,
+                    max_tokens=8,
+                    temperature=0.0,
+                    messages=[{"role": "user", "content": [
+                        {"type": "video_url", "video_url": {"url": video_data_url(video)}},
+                        {"type": "text", "text": e.question},
+                    ]}],
+                    extra_body={"mm_processor_kwargs": {"stateful_reduce": options}},
+                )  # fmt: skip
+                answers[mode] = reply.choices[0].message.content.strip()
+                right[mode] += answers[mode] == e.answer
+            print(f"{video.name:<22} {e.question:<34} {e.answer:<9} {answers['full']:<9} {answers['reduced']}", flush=True)
         after = prefill_seconds(url)
-    print(f"\nvideo: {args.frames} frames ({video.name}); prompt tokens: {reply.usage.prompt_tokens}")
-    print(f"question: {args.question}")
-    print(f"answer:   {reply.choices[0].message.content!r}")
+    n = len(examples)
+    print(f"\nright: full {right['full']}/{n}, reduced {right['reduced']}/{n}; {reply.usage.prompt_tokens} prompt tokens per request")
     if after[1] > before[1]:
-        print(f"prefill time: {1000 * (after[0] - before[0]):.1f} ms (vllm:request_prefill_time_seconds)")
-    if (args.model / "build_spec.json").exists():
-        print("(random-weight checkpoint: the answer is not meant to be meaningful)")
+        mean = 1000 * (after[0] - before[0]) / (after[1] - before[1])
+        print(f"mean prefill time: {mean:.1f} ms over {after[1] - before[1]} requests (vllm:request_prefill_time_seconds)")
 
 
 if __name__ == "__main__":

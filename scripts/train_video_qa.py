@@ -24,43 +24,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer
 from safetensors.torch import save_file
 
 from vllm_stateful_reduce.checkpoint import CheckpointSpec, build_checkpoint
-from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
-from vllm_stateful_reduce.model.processing import NanoVLVideoPreprocessor, frames_to_pixel_values
+from vllm_stateful_reduce.encoding import Encoder
 from vllm_stateful_reduce.reference import ReferenceNanoVL
 from vllm_stateful_reduce.tasks import KINDS, TEST_SEEDS, TRAIN_SEEDS, Example, make_example
-
-FPS = 2.0
-
-
-class Encoder:
-    """Example -> (input ids, answer mask, pixel values), as vLLM would see it."""
-
-    def __init__(self, checkpoint: Path) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        self.config = NemotronNanoVLConfig.from_pretrained(checkpoint)
-        self.processor = NanoVLVideoPreprocessor(self.config, self.tokenizer)
-        self.video_id = self.tokenizer.convert_tokens_to_ids("<video>")
-
-    def prompt_ids(self, example: Example) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": "<video>\n" + example.question}], tokenize=False, add_generation_prompt=True
-        )
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        at = ids.index(self.video_id)
-        frames = len(example.frames)
-        video = self.processor.video_replacement(frames, list(range(frames)), int(1000 / FPS)).full
-        return ids[:at] + video + ids[at + 1 :]
-
-    def answer_ids(self, example: Example) -> list[int]:
-        return self.tokenizer.encode(example.answer + "<|im_end|>", add_special_tokens=False)
-
-    def pixels(self, example: Example) -> torch.Tensor:
-        c = self.config
-        return frames_to_pixel_values(example.frames, c.force_image_size, c.norm_mean, c.norm_std)
 
 
 def batch_logits(model: ReferenceNanoVL, enc: Encoder, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

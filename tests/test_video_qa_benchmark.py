@@ -1,7 +1,7 @@
-"""`benchmarks/video_qa.py --quick` end to end on a small random checkpoint.
+"""`benchmarks/video_qa.py --quick` end to end on the committed trained model.
 
-Checks the machinery (engines per method, per-request budgets, JSON summary, PNG);
-accuracy targets need the trained model (issue 4) and are not asserted here.
+Runs the held-out split through vLLM with the plugin (80 examples, four engines) and
+checks the report's shape and the quality the trained model and the reduction keep.
 """
 
 import json
@@ -9,23 +9,53 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vllm_stateful_reduce.tasks import KINDS
+
 ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "video-qa-small"
 
 
-def test_quick_benchmark_writes_table_json_and_plot(checkpoint, tmp_path) -> None:
+def test_quick_benchmark_on_the_trained_model(tmp_path) -> None:
     out_json, out_png = tmp_path / "qa.json", tmp_path / "qa.png"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "video_qa.py"), "--quick", "--model", str(checkpoint),
+        [sys.executable, str(ROOT / "benchmarks" / "video_qa.py"), "--quick", "--model", str(MODEL),
          "--json", str(out_json), "--png", str(out_png)],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     print(run.stdout[-3000:])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     report = json.loads(out_json.read_text())
-    summary = report["summary"]
+    s = report["summary"]
     for key in ("full_accuracy", "ours_25_accuracy", "fastv_25_accuracy", "random_25_accuracy", "evs_25_accuracy", "chance_accuracy"):
-        assert 0.0 <= summary[key] <= 1.0, key
+        assert 0.0 <= s[key] <= 1.0, key
     assert report["results"]["ours"]["0.25"]["n"] == 80
-    assert set(report["results"]["ours"]["0.25"]["per_kind"]) == {"which_frame", "count", "colour_at", "order"}
+    assert set(report["results"]["ours"]["0.25"]["per_kind"]) == set(KINDS)
     assert "ours" in run.stdout and "chance" in run.stdout  # the terminal table
+    assert out_png.stat().st_size > 10_000
+    # The trained model answers from the video (measured: 0.79 vs chance 0.32)...
+    assert s["full_accuracy"] >= s["chance_accuracy"] + 0.3, s
+    # ...and progressive, query-conditioned reduction scored at the attention blocks keeps
+    # it at 25% (measured 0.775 of 0.787). All-layer scoring (attention + the Mamba proxy)
+    # does not on this model (0.55-0.58, about random): see README "Quality".
+    assert s["ours_attention_only_25_accuracy"] >= 0.9 * s["full_accuracy"], s
+    assert s["ours_attention_only_25_accuracy"] > s["random_25_accuracy"], s
+
+
+def test_score_recall_per_block(tmp_path) -> None:
+    """The per-block diagnostic: attention finds the question's objects; the Mamba proxy
+    without decay finds them better than with it (measured: best block 0.60 vs 0.20)."""
+    out_json, out_png = tmp_path / "recall.json", tmp_path / "recall.png"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "score_recall.py"), "--quick", "--model", str(MODEL),
+         "--json", str(out_json), "--png", str(out_png)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    print(run.stdout[-2000:])
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    report = json.loads(out_json.read_text())
+    blocks = report["blocks"]
+    assert set(blocks) == {"A1", "A6", "A11"} | {f"M{i}{d}" for i in (0, 3, 5, 8, 10) for d in ("", " decay")}
+    assert blocks["A1"]["recall"] >= 3 * report["chance"], blocks["A1"]
+    best = lambda decay: max(r["recall"] for name, r in blocks.items() if name.startswith("M") and ("decay" in name) == decay)  # noqa: E731
+    assert best(False) > best(True), blocks
     assert out_png.stat().st_size > 10_000

@@ -1,0 +1,37 @@
+"""A task example as the model sees it through vLLM: prompt ids with the processor's
+video layout, answer ids, pixel values. For training and for reference-side
+diagnostics, which run the plain PyTorch reference instead of the engine."""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from .model.config import NemotronNanoVLConfig
+from .model.processing import NanoVLVideoPreprocessor, frames_to_pixel_values
+from .tasks import Example
+from .tokenizer import chat_prompt
+
+FPS = 2.0  # the frame rate the benchmark's video metadata declares (media.video_metadata)
+
+
+class Encoder:
+    def __init__(self, checkpoint: str | Path) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.config = NemotronNanoVLConfig.from_pretrained(checkpoint)
+        self.processor = NanoVLVideoPreprocessor(self.config, self.tokenizer)
+        self.video_id = self.tokenizer.convert_tokens_to_ids("<video>")
+
+    def prompt_ids(self, example: Example) -> list[int]:
+        ids = self.tokenizer.encode(chat_prompt(example.question), add_special_tokens=False)
+        at = ids.index(self.video_id)
+        frames = len(example.frames)
+        video = self.processor.video_replacement(frames, list(range(frames)), int(1000 / FPS)).full
+        return ids[:at] + video + ids[at + 1 :]
+
+    def answer_ids(self, example: Example) -> list[int]:
+        return self.tokenizer.encode(example.answer + "<|im_end|>", add_special_tokens=False)
+
+    def pixels(self, example: Example) -> torch.Tensor:
+        c = self.config
+        return frames_to_pixel_values(example.frames, c.force_image_size, c.norm_mean, c.norm_std)
