@@ -17,7 +17,7 @@ from vllm_stateful_reduce.reference import ReferenceNanoVL
 
 from .conftest import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
 
-GLOBAL = {"min_keep": 4}
+GLOBAL = {"min_keep": 4, "score_norm": "sum"}  # the default (zscore) is covered by test_reduction
 
 
 @pytest.fixture(scope="module")

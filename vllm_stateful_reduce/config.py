@@ -38,7 +38,12 @@ class ReductionConfig(BaseModel):
     """`random`: keep a seeded random subset of the same size (a baseline)."""
     score_layers: Literal["all", "attention", "mamba"] = "all"
     """Which blocks of a stage contribute scores: attention (softmax of the query rows),
-    Mamba2 (C_Q . B_V proxy), or both; each block's scores are normalised to sum 1."""
+    Mamba2 (C_Q . B_V proxy), or both."""
+    score_norm: Literal["zscore", "sum"] = "zscore"
+    """How a block's scores are put on a common scale before a stage sums them:
+    `zscore` (minus the mean, over the standard deviation: every block gets the same
+    say in the ranking) or `sum` (divided by their sum: a nearly flat block, such as
+    softmax attention spread over a long prompt, then barely counts)."""
     mamba_decay: bool = False
     """Multiply the Mamba proxy by exp(A * sum dt) (the decay the paper drops)."""
     mamba_dt: bool = True

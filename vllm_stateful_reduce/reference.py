@@ -190,7 +190,10 @@ class ReferenceNanoVL(nn.Module):
                 v_rows = torch.tensor([local[int(p)] for p in out_kept[-1]])
                 s = (self._attention_scores(block, h, q_rows, v_rows) if kind == "attention"
                      else self._mamba_scores(block, h, q_rows, v_rows, config.mamba_dt, config.mamba_decay))  # fmt: skip
-                scores = scores + s / s.sum()
+                if config.score_norm == "sum":
+                    scores = scores + s / s.sum()
+                elif len(s) > 1:
+                    scores = scores + (s - s.mean()) / s.std().clamp_min(1e-30)
             mask = torch.ones(len(h), len(h), dtype=torch.bool).tril()[None, None]
             h = block(h[None], attention_mask=mask)[0] if block.block_type in ("full_attention", "attention") else block(h[None])[0]
             if reduce and stage < len(boundaries) and i == boundaries[stage]:

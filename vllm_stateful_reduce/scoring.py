@@ -5,8 +5,8 @@ visual token) over the request's keys, read at the visual columns. Mamba2 block:
 the implicit-attention proxy |C_t . B_s| (x dt_s), without the exp(A * sum dt)
 decay unless asked, with B and C recomputed from the layer's in_proj output through
 its causal conv1d + SiLU exactly as the scan consumes them. Each block's scores over
-a request's visual tokens are normalised to sum 1 so attention and Mamba blocks add
-up on one scale. With tensor parallelism each rank holds a slice of the heads /
+a request's visual tokens are put on one scale (z-scores by default) so attention and
+Mamba blocks add up. With tensor parallelism each rank holds a slice of the heads /
 groups, so partial sums are all-reduced before anyone picks tokens.
 """
 
@@ -31,8 +31,13 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return tensor_model_parallel_all_reduce(x) if get_tensor_model_parallel_world_size() > 1 else x
 
 
-def normalised(scores: torch.Tensor) -> torch.Tensor:
-    return scores / scores.sum().clamp_min(1e-30)
+def normalised(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """One block's scores over a request's visual tokens on the common scale (`score_norm`)."""
+    if how == "sum":
+        return scores / scores.sum().clamp_min(1e-30)
+    if len(scores) < 2:
+        return torch.zeros_like(scores)
+    return (scores - scores.mean()) / scores.std().clamp_min(1e-30)
 
 
 def attention_block_scores(

@@ -249,7 +249,7 @@ class ReducibleNemotronHModel(NemotronHModel):
                 s = scoring.attention_block_scores(rows, req.query, req.visual, m.num_heads, m.num_kv_heads, m.head_dim)
             else:
                 s = scoring.mamba_block_scores(rows, layer.mixer, req.query, req.visual, config.mamba_dt, config.mamba_decay)
-            req.scores += scoring.normalised(s.float().cpu())
+            req.scores += scoring.normalised(s.float().cpu(), config.score_norm)
 
     def _score_choice(self, req: Request, stage: int) -> torch.Tensor:
         """Indices (into req.visual) of the top-k by score, or a seeded random k."""
