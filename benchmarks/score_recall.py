@@ -28,19 +28,15 @@ from vllm_stateful_reduce.tasks import TEST_SEEDS, make_example
 def block_scores(model: ReferenceNanoVL, enc: Encoder, example) -> dict[str, torch.Tensor]:
     """Scores of the visual tokens per block and variant, e.g. 'A1', 'M3', 'M3 decay'."""
     ids = enc.prompt_ids(example)
-    visual = torch.nonzero(torch.tensor(ids) == model.image_context_id).flatten()
-    query = torch.arange(int(visual[-1]) + 1 + model.video_end_length, len(ids))
+    visual, query = model.visual_and_query(ids, len(ids))
     h, out = model._embeds(ids, [enc.pixels(example)]), {}
-    causal = torch.ones(len(h), len(h), dtype=torch.bool).tril()[None, None]
-    for i, block in enumerate(model.lm.model.layers):
-        if block.block_type in ("attention", "full_attention"):
+    for i, (kind, block) in enumerate(zip(model.pattern, model.lm.model.layers)):
+        if kind == "*":
             out[f"A{i}"] = model._attention_scores(block, h, query, visual)
-            h = block(h[None], attention_mask=causal)[0]
-            continue
-        if block.block_type in ("mamba", "linear_attention"):
+        elif kind == "M":
             out[f"M{i}"] = model._mamba_scores(block, h, query, visual, use_dt=True, decay=False)
             out[f"M{i} decay"] = model._mamba_scores(block, h, query, visual, use_dt=True, decay=True)
-        h = block(h[None])[0]
+        h = model.run_block(i, h)
     return out
 
 

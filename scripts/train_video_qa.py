@@ -34,7 +34,8 @@ from vllm_stateful_reduce.tasks import KINDS, TEST_SEEDS, TRAIN_SEEDS, Example, 
 
 def batch_logits(model: ReferenceNanoVL, enc: Encoder, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced logits for prompt + answer; returns (logits, targets, answer mask)."""
-    seqs = [enc.prompt_ids(e) + enc.answer_ids(e) for e in examples]
+    answers = [enc.answer_ids(e) for e in examples]
+    seqs = [enc.prompt_ids(e) + a for e, a in zip(examples, answers)]
     length = max(len(s) for s in seqs)
     # right padding: causal attention and the causal scan never look ahead at it
     ids = torch.tensor([s + [enc.tokenizer.pad_token_id] * (length - len(s)) for s in seqs])
@@ -44,9 +45,8 @@ def batch_logits(model: ReferenceNanoVL, enc: Encoder, examples: list[Example]) 
     logits = model.lm(inputs_embeds=embeds).logits[:, :-1]
     targets = ids[:, 1:]
     answer = torch.zeros_like(targets, dtype=torch.bool)
-    for row, (e, seq) in enumerate(zip(examples, seqs)):
-        n = len(enc.answer_ids(e))
-        answer[row, len(seq) - 1 - n : len(seq) - 1] = True
+    for row, (a, seq) in enumerate(zip(answers, seqs)):
+        answer[row, len(seq) - 1 - len(a) : len(seq) - 1] = True
     return logits, targets, answer
 
 

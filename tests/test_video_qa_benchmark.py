@@ -1,7 +1,8 @@
-"""`benchmarks/video_qa.py --quick` end to end on the committed trained model.
+"""`benchmarks/video_qa.py --quick` and `benchmarks/score_recall.py --quick` end to end
+on the committed trained model.
 
-Runs the held-out split through vLLM with the plugin (80 examples, four engines) and
-checks the report's shape and the quality the trained model and the reduction keep.
+video_qa runs the held-out split through vLLM with the plugin (80 examples, four
+engines); both check the report's shape and the quality the benchmarks exist for.
 """
 
 import json
@@ -15,23 +16,28 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "video-qa-small"
 
 
-def test_quick_benchmark_on_the_trained_model(tmp_path) -> None:
-    out_json, out_png = tmp_path / "qa.json", tmp_path / "qa.png"
+def run_quick(script: str, tmp_path: Path, timeout: float) -> tuple[dict, str]:
+    """Run `benchmarks/<script> --quick` on MODEL; (JSON report, stdout). Checks the PNG."""
+    out_json, out_png = tmp_path / "report.json", tmp_path / "report.png"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "video_qa.py"), "--quick", "--model", str(MODEL),
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--model", str(MODEL),
          "--json", str(out_json), "--png", str(out_png)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     print(run.stdout[-3000:])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    report = json.loads(out_json.read_text())
+    assert out_png.stat().st_size > 10_000
+    return json.loads(out_json.read_text()), run.stdout
+
+
+def test_quick_benchmark_on_the_trained_model(tmp_path) -> None:
+    report, stdout = run_quick("video_qa.py", tmp_path, timeout=900)
     s = report["summary"]
     for key in ("full_accuracy", "ours_25_accuracy", "fastv_25_accuracy", "random_25_accuracy", "evs_25_accuracy", "chance_accuracy"):
         assert 0.0 <= s[key] <= 1.0, key
     assert report["results"]["ours"]["0.25"]["n"] == 80
     assert set(report["results"]["ours"]["0.25"]["per_kind"]) == set(KINDS)
-    assert "ours" in run.stdout and "chance" in run.stdout  # the terminal table
-    assert out_png.stat().st_size > 10_000
+    assert "ours" in stdout and "chance" in stdout  # the terminal table
     # The trained model answers from the video (measured: 0.79 vs chance 0.32)...
     assert s["full_accuracy"] >= s["chance_accuracy"] + 0.3, s
     # ...ours at 25% (attention + Mamba proxy, z-scored) keeps most of it and beats random
@@ -46,18 +52,9 @@ def test_quick_benchmark_on_the_trained_model(tmp_path) -> None:
 def test_score_recall_per_block(tmp_path) -> None:
     """The per-block diagnostic: attention finds the question's objects; the Mamba proxy
     without decay finds them better than with it (measured: best block 0.60 vs 0.20)."""
-    out_json, out_png = tmp_path / "recall.json", tmp_path / "recall.png"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "score_recall.py"), "--quick", "--model", str(MODEL),
-         "--json", str(out_json), "--png", str(out_png)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    print(run.stdout[-2000:])
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    report = json.loads(out_json.read_text())
+    report, _ = run_quick("score_recall.py", tmp_path, timeout=600)
     blocks = report["blocks"]
     assert set(blocks) == {"A1", "A6", "A11"} | {f"M{i}{d}" for i in (0, 3, 5, 8, 10) for d in ("", " decay")}
     assert blocks["A1"]["recall"] >= 3 * report["chance"], blocks["A1"]
     best = lambda decay: max(r["recall"] for name, r in blocks.items() if name.startswith("M") and ("decay" in name) == decay)  # noqa: E731
     assert best(False) > best(True), blocks
-    assert out_png.stat().st_size > 10_000

@@ -7,12 +7,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from .media import video_metadata
 from .model.config import NemotronNanoVLConfig
 from .model.processing import NanoVLVideoPreprocessor, frames_to_pixel_values
 from .tasks import Example
 from .tokenizer import chat_prompt
-
-FPS = 2.0  # the frame rate the benchmark's video metadata declares (media.video_metadata)
 
 
 class Encoder:
@@ -25,8 +24,8 @@ class Encoder:
     def prompt_ids(self, example: Example) -> list[int]:
         ids = self.tokenizer.encode(chat_prompt(example.question), add_special_tokens=False)
         at = ids.index(self.video_id)
-        frames = len(example.frames)
-        video = self.processor.video_replacement(frames, list(range(frames)), int(1000 / FPS)).full
+        meta = video_metadata(len(example.frames))  # what the benchmark passes with the frames
+        video = self.processor.video_replacement(len(example.frames), meta["frames_indices"], int(1000 / meta["fps"])).full
         return ids[:at] + video + ids[at + 1 :]
 
     def answer_ids(self, example: Example) -> list[int]:

@@ -57,6 +57,8 @@ class ReferenceNanoVL(nn.Module):
         self.patch = self.config["patch_size"]
         self.image_context_id = self.config["img_context_token_id"]
         self.video_end_length = len(AutoTokenizer.from_pretrained(ckpt).encode("</img>", add_special_tokens=False))
+        kinds = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*"}
+        self.pattern = "".join(kinds.get(k, "-") for k in self.config["llm_config"]["layers_block_type"])
 
     def checkpoint_tensors(self, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
         """All weights under the checkpoint's names (for saving after training)."""
@@ -108,6 +110,20 @@ class ReferenceNanoVL(nn.Module):
         return embeds
 
     # ------------------------------------------------------------ reduced forward
+
+    def visual_and_query(self, input_ids: list[int], prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of the prompt's visual tokens and of the question Q: the prompt
+        text after the last video's closing `</img>` (empty without a video)."""
+        visual = torch.nonzero(torch.tensor(input_ids[:prompt_len]) == self.image_context_id).flatten()
+        query = torch.arange(int(visual[-1]) + 1 + self.video_end_length, prompt_len) if len(visual) else torch.arange(0)
+        return visual, query
+
+    def run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Block i of the language model on one whole sequence (L, hidden), causal."""
+        block = self.lm.model.layers[i]
+        if self.pattern[i] == "*":
+            return block(h[None], attention_mask=torch.ones(len(h), len(h), dtype=torch.bool).tril()[None, None])[0]
+        return block(h[None])[0]
 
     def _attention_scores(self, block, h: torch.Tensor, q_rows: torch.Tensor, v_rows: torch.Tensor) -> torch.Tensor:
         """mean_{t in Q, heads} softmax_s(q_t . k_s / sqrt(d)), causal, at the visual columns."""
@@ -162,16 +178,11 @@ class ReferenceNanoVL(nn.Module):
         tokens. With `kept` given, those rows are kept (decode steps) instead of scoring."""
         if config.selection != "scores":
             raise ValueError("the reference implements score-based selection only")
-        pattern = self.config["llm_config"]["layers_block_type"]
-        pattern = "".join({"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*"}.get(k, "-") for k in pattern)
-        ids = torch.tensor(input_ids)
-        prompt_len = num_prompt_tokens or len(input_ids)
-        visual = torch.nonzero(ids[:prompt_len] == self.image_context_id).flatten()
-        # the question: prompt text after the last video's closing `</img>`
-        query = torch.arange(int(visual[-1]) + 1 + self.video_end_length, prompt_len) if len(visual) else torch.arange(0)
+        pattern = self.pattern
+        visual, query = self.visual_and_query(input_ids, num_prompt_tokens or len(input_ids))
         boundaries = boundary_blocks(pattern, config)
         reduce = config.enabled and len(visual) > 0 and len(query) > 0
-        rows = torch.arange(len(ids))  # original position of each current row
+        rows = torch.arange(len(input_ids))  # original position of each current row
         h = self._embeds(input_ids, pixel_values)
         out_kept: list[torch.Tensor] = [visual]
         if reduce and config.evs_rate:  # EVS before the LLM: drop the most static tokens
@@ -194,8 +205,7 @@ class ReferenceNanoVL(nn.Module):
                     scores = scores + s / s.sum()
                 elif len(s) > 1:
                     scores = scores + (s - s.mean()) / s.std().clamp_min(1e-30)
-            mask = torch.ones(len(h), len(h), dtype=torch.bool).tril()[None, None]
-            h = block(h[None], attention_mask=mask)[0] if block.block_type in ("full_attention", "attention") else block(h[None])[0]
+            h = self.run_block(i, h)
             if reduce and stage < len(boundaries) and i == boundaries[stage]:
                 stage += 1
                 if kept is None:

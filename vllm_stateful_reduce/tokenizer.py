@@ -34,12 +34,12 @@ CHAT_TEMPLATE = (
 )
 
 
-
 def chat_prompt(question: str, with_video: bool = True) -> str:
     """CHAT_TEMPLATE's rendering of one user turn with the generation prompt, for
     offline prompts (tests check that the template renders exactly this)."""
     video = "<video>\n" if with_video else ""
     return f"{IM_START}user\n{video}{question}{IM_END}\n{IM_START}assistant\n"
+
 
 def default_corpus() -> list[str]:
     """Text the tokenizer should compress well: frame wrappers, numbers, chat words."""
