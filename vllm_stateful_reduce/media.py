@@ -1,8 +1,9 @@
-"""Video helpers: write frames to a file, wrap a file as a data URL, and the frame
-metadata vLLM's video loader attaches (needed with raw frames offline)."""
+"""Video helpers: write frames to a file and read them back, wrap a file as a data URL,
+and the frame metadata vLLM's video loader attaches (needed with raw frames offline)."""
 
 import base64
 import mimetypes
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,24 @@ def write_video(frames: np.ndarray, path: str | Path, fps: float = 2.0) -> Path:
         writer.write(np.ascontiguousarray(frame[..., ::-1]))  # OpenCV wants BGR
     writer.release()
     return path
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """All frames of a video file as (T, H, W, 3) uint8 RGB, decoded by OpenCV (as vLLM's
+    default video backend does)."""
+    import cv2
+
+    capture, frames = cv2.VideoCapture(str(path)), []
+    while (frame := capture.read())[0]:
+        frames.append(frame[1][..., ::-1])
+    capture.release()
+    return np.stack(frames)
+
+
+def codec_roundtrip(frames: np.ndarray, suffix: str = ".mp4") -> np.ndarray:
+    """The frames as a server sees them after sending them as a (lossy) video file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return read_video(write_video(frames, Path(tmp) / f"video{suffix}"))
 
 
 def video_data_url(path: str | Path) -> str:

@@ -119,11 +119,11 @@ class ReferenceNanoVL(nn.Module):
         return visual, query
 
     def run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """Block i of the language model on one whole sequence (L, hidden), causal."""
-        block = self.lm.model.layers[i]
-        if self.pattern[i] == "*":
-            return block(h[None], attention_mask=torch.ones(len(h), len(h), dtype=torch.bool).tril()[None, None])[0]
-        return block(h[None])[0]
+        """Block i of the language model on whole sequences, (L, hidden) or (B, L, hidden), causal."""
+        x = h if h.dim() == 3 else h[None]
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()[None, None]
+        y = self.lm.model.layers[i](x, attention_mask=causal if self.pattern[i] == "*" else None)
+        return y if h.dim() == 3 else y[0]
 
     def _attention_scores(self, block, h: torch.Tensor, q_rows: torch.Tensor, v_rows: torch.Tensor) -> torch.Tensor:
         """mean_{t in Q, heads} softmax_s(q_t . k_s / sqrt(d)), causal, at the visual columns."""
@@ -223,6 +223,23 @@ class ReferenceNanoVL(nn.Module):
                 h, rows = h[stay], rows[stay]
         h = self.lm.model.norm_f(h)
         return self.lm.lm_head(h[-1]), out_kept
+
+    def forward_kept(self, embeds: torch.Tensor, visual: torch.Tensor, kept: list[list[torch.Tensor]], config: ReductionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable language-model forward of a batch (B, L, hidden) whose rows hold
+        their visual tokens at the same positions `visual`, dropping after each boundary
+        the visual tokens a row's `kept` (from `reduced_forward`) leaves out: training
+        under reduction. Returns final hidden states and each remaining row's original
+        position, both (B, L', ...)."""
+        boundaries = boundary_blocks(self.pattern, config)
+        rows = torch.arange(embeds.shape[1]).expand(len(embeds), -1)
+        h, stage, is_visual = embeds, 0, torch.isin(rows, visual)
+        for i in range(len(self.pattern)):
+            h = self.run_block(i, h)
+            if stage < len(boundaries) and i == boundaries[stage]:
+                stage += 1
+                stay = ~is_visual | torch.stack([torch.isin(r, k[stage]) for r, k in zip(rows, kept)])
+                h, rows, is_visual = (t[stay].view(len(t), -1, *t.shape[2:]) for t in (h, rows, is_visual))
+        return self.lm.model.norm_f(h), rows
 
     @torch.no_grad()
     def greedy(self, input_ids: list[int], pixel_values: list[torch.Tensor], config: ReductionConfig, max_tokens: int):
