@@ -38,20 +38,22 @@ def test_quick_benchmark_on_the_trained_model(tmp_path) -> None:
     assert report["results"]["ours"]["0.25"]["n"] == 80
     assert set(report["results"]["ours"]["0.25"]["per_kind"]) == set(KINDS)
     assert "ours" in stdout and "chance" in stdout  # the terminal table
-    # The trained model answers from the video (measured: 0.79 vs chance 0.32)...
+    # The trained model answers from the video (measured: 0.775 vs chance 0.32)...
     assert s["full_accuracy"] >= s["chance_accuracy"] + 0.3, s
-    # ...ours at 25% (attention + Mamba proxy, z-scored) keeps most of it and beats random
-    # (measured here 0.738 of 0.787, random 0.562; on 240 examples 0.696 of 0.792, i.e.
-    # 88% - below the 90% the issue asked for, hence 0.85)...
-    assert s["ours_25_accuracy"] >= 0.85 * s["full_accuracy"], s
+    # ...and, finetuned under reduction, ours at 25% (attention + Mamba proxy, z-scored)
+    # keeps nearly all of it (measured here 0.775 of 0.775; on 240 examples 0.771 of 0.787),
+    # ahead of EVS (0.713) and far ahead of random (0.600). Not asserted against FastV-style:
+    # 0.762 here, and on 240 examples ours minus FastV is +0.004 +- 0.018 (no difference).
+    assert s["ours_25_accuracy"] >= 0.95 * s["full_accuracy"], s
+    assert s["ours_25_accuracy"] >= s["evs_25_accuracy"] + 0.03, s
     assert s["ours_25_accuracy"] >= s["random_25_accuracy"] + 0.1, s
-    # ...and scored at the attention blocks only it keeps >= 90% (0.775; 0.754 of 0.792 on 240)
+    # ...and scored at the attention blocks only it keeps >= 90% too (0.775)
     assert s["ours_attention_only_25_accuracy"] >= 0.9 * s["full_accuracy"], s
 
 
 def test_score_recall_per_block(tmp_path) -> None:
     """The per-block diagnostic: attention finds the question's objects; the Mamba proxy
-    without decay finds them better than with it (measured: best block 0.60 vs 0.20)."""
+    without decay finds them better than with it (measured on 240: best block 0.54 vs 0.18)."""
     report, _ = run_quick("score_recall.py", tmp_path, timeout=600)
     blocks = report["blocks"]
     assert set(blocks) == {"A1", "A6", "A11"} | {f"M{i}{d}" for i in (0, 3, 5, 8, 10) for d in ("", " decay")}
