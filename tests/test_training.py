@@ -49,7 +49,7 @@ def test_forward_kept_matches_reduced_forward(budget: float) -> None:
         worst = max(worst, float((got - logits).abs().max()))
         assert int(got.argmax()) == int(logits.argmax())
     print(f"budget {budget}: max |logit difference| {worst:.2e}")
-    assert worst < 1e-4  # float32; measured 1.4e-6 (50%), 2.9e-6 (25%)
+    assert worst < 1e-4  # float32; measured <= 3e-6
 
 
 def test_finetuning_under_reduction_runs_and_writes_a_loadable_checkpoint(tmp_path) -> None:
@@ -63,7 +63,7 @@ def test_finetuning_under_reduction_runs_and_writes_a_loadable_checkpoint(tmp_pa
     report = json.loads((out / "training.json").read_text())
     assert [h["step"] for h in report["history"]] == [1, 2]
     assert set(report["final_held_out_accuracy"]) == {"full", "25%"}
-    assert report["init_training"]["args"]["steps"] == "1800"  # provenance of the starting model
+    assert report["init_training"] == json.loads((MODEL / "training.json").read_text())  # provenance kept
     ReferenceNanoVL(out)  # loads strictly, all weights present
 
 
