@@ -121,8 +121,8 @@ class ReferenceNanoVL(nn.Module):
     def run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Block i of the language model on whole sequences, (L, hidden) or (B, L, hidden), causal."""
         x = h if h.dim() == 3 else h[None]
-        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()[None, None]
-        y = self.lm.model.layers[i](x, attention_mask=causal if self.pattern[i] == "*" else None)
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()[None, None] if self.pattern[i] == "*" else None
+        y = self.lm.model.layers[i](x, attention_mask=causal)
         return y if h.dim() == 3 else y[0]
 
     def _attention_scores(self, block, h: torch.Tensor, q_rows: torch.Tensor, v_rows: torch.Tensor) -> torch.Tensor:
@@ -224,15 +224,17 @@ class ReferenceNanoVL(nn.Module):
         h = self.lm.model.norm_f(h)
         return self.lm.lm_head(h[-1]), out_kept
 
-    def forward_kept(self, embeds: torch.Tensor, visual: torch.Tensor, kept: list[list[torch.Tensor]], config: ReductionConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """Differentiable language-model forward of a batch (B, L, hidden) whose rows hold
-        their visual tokens at the same positions `visual`, dropping after each boundary
-        the visual tokens a row's `kept` (from `reduced_forward`) leaves out: training
-        under reduction. Returns final hidden states and each remaining row's original
-        position, both (B, L', ...)."""
+    def forward_kept(self, embeds: torch.Tensor, kept: list[list[torch.Tensor]], config: ReductionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable language-model forward of a batch (B, L, hidden), dropping after
+        each boundary the visual tokens a row's `kept` (per stage, from `reduced_forward`;
+        stage 0 = all its visual tokens) leaves out: training under reduction. Every row
+        must keep as many tokens per stage. Returns final hidden states and each remaining
+        row's original position, both (B, L', ...)."""
+        if config.evs_rate:
+            raise ValueError("forward_kept does not drop tokens before the language model (evs_rate)")
         boundaries = boundary_blocks(self.pattern, config)
         rows = torch.arange(embeds.shape[1]).expand(len(embeds), -1)
-        h, stage, is_visual = embeds, 0, torch.isin(rows, visual)
+        h, stage, is_visual = embeds, 0, torch.stack([torch.isin(r, k[0]) for r, k in zip(rows, kept)])
         for i in range(len(self.pattern)):
             h = self.run_block(i, h)
             if stage < len(boundaries) and i == boundaries[stage]:
