@@ -54,6 +54,10 @@ class ReductionConfig(BaseModel):
     The in-LLM budget then applies to the tokens that remain."""
     min_keep: int = Field(16, ge=1)
     """Never keep fewer visual tokens than this per request (or all, if fewer)."""
+    timing: bool = False
+    """Time the phases of every forward (plan, metadata, scoring, selection, compaction)
+    into the model's `reduction_state.timings`; synchronises the device per phase, so
+    for measuring only. Global."""
 
     @field_validator("schedule")
     @classmethod

@@ -1,19 +1,23 @@
-"""Language-aware importance of visual tokens, from the layer that just ran.
+"""Language-aware importance of visual tokens, from the block that just ran.
 
 Attention block: mean softmax attention of the query rows (text after the last
 visual token) over the request's keys, read at the visual columns. Mamba2 block:
 the implicit-attention proxy |C_t . B_s| (x dt_s), without the exp(A * sum dt)
-decay unless asked, with B and C recomputed from the layer's in_proj output through
-its causal conv1d + SiLU exactly as the scan consumes them. Each block's scores over
-a request's visual tokens are put on one scale (z-scores by default) so attention and
-Mamba blocks add up. With tensor parallelism each rank holds a slice of the heads /
-groups, so partial sums are all-reduced before anyone picks tokens.
+decay unless asked, with B and C recomputed from the block's in_proj output through
+its causal conv1d + SiLU exactly as the scan consumes them (only at the rows that
+are scored). Each block's scores over a request's visual tokens are put on one scale
+(z-scores by default) so attention and Mamba blocks add up.
+
+All reducing requests of a step are scored in one call per block (varlen, sizes from
+the plan), on the hidden states' device. With tensor parallelism each rank holds a
+slice of the heads / groups, so partial sums are all-reduced before anyone picks.
 """
 
 import torch
 import torch.nn.functional as F
 
 from .kernels import reference
+from .kernels.reference import Varlen
 
 try:  # Triton is optional: the CPU build runs the references
     from .kernels import triton_kernels
@@ -31,60 +35,114 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return tensor_model_parallel_all_reduce(x) if get_tensor_model_parallel_world_size() > 1 else x
 
 
-def normalised(scores: torch.Tensor, how: str) -> torch.Tensor:
-    """One block's scores over a request's visual tokens on the common scale (`score_norm`)."""
+def normalised(scores: torch.Tensor, valid: torch.Tensor, how: str) -> torch.Tensor:
+    """Each row's scores over its valid (visual) entries on the common scale (`score_norm`):
+    divided by their sum, or z-scored (unbiased std; a row with < 2 tokens gets zeros)."""
+    scores = scores.masked_fill(~valid, 0.0)
     if how == "sum":
-        return scores / scores.sum().clamp_min(1e-30)
-    if len(scores) < 2:
-        return torch.zeros_like(scores)
-    return (scores - scores.mean()) / scores.std().clamp_min(1e-30)
+        return scores / scores.sum(1, keepdim=True).clamp_min(1e-30)
+    n = valid.sum(1, keepdim=True)
+    mean = scores.sum(1, keepdim=True) / n.clamp_min(1)
+    var = ((scores - mean) ** 2).masked_fill(~valid, 0.0).sum(1, keepdim=True) / (n - 1).clamp_min(1)
+    z = (scores - mean) / var.sqrt().clamp_min(1e-30)
+    return z.masked_fill(~valid | (n < 2), 0.0)
 
 
 def attention_block_scores(
-    qkv: torch.Tensor, q_rows: torch.Tensor, v_rows: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
+    qkv: torch.Tensor, mixer, query_rows: torch.Tensor, queries: Varlen, keys: Varlen, visual_rows: torch.Tensor
 ) -> torch.Tensor:
-    """Scores of `v_rows` from the query rows `q_rows`; `qkv` holds one request's rows."""
-    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    q = qkv[q_rows, :q_size].view(-1, num_heads, head_dim)
-    k = qkv[:, q_size : q_size + kv_size].view(-1, num_kv_heads, head_dim)
-    scores = kernels_for(qkv).attention_scores(q, k, q_rows, head_dim**-0.5)
-    return tp_all_reduce(scores[v_rows])
+    """(R, V) scores of the visual rows from the question rows; `qkv` is the block's
+    qkv projection of the stage's packed batch."""
+    q_size, kv_size = mixer.num_heads * mixer.head_dim, mixer.num_kv_heads * mixer.head_dim
+    q = qkv.index_select(0, query_rows)[:, :q_size].view(-1, mixer.num_heads, mixer.head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(-1, mixer.num_kv_heads, mixer.head_dim)
+    scores = kernels_for(qkv).attention_scores(q, k, queries, keys, visual_rows, mixer.head_dim**-0.5)
+    return tp_all_reduce(scores)
 
 
-def mamba_bc_dt(projected: torch.Tensor, mixer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """B, C (L, G, N) after conv1d + SiLU and dt (L, H) after softplus, for one request's
-    rows of `mixer.in_proj` output, starting from a zero conv state (a fresh prefill)."""
+def mamba_block_scores(
+    projected: torch.Tensor, mixer, query_rows: torch.Tensor, queries: Varlen, keys: Varlen,
+    visual_rows: torch.Tensor, use_dt: bool, decay: bool,
+) -> torch.Tensor:  # fmt: skip
+    """(R, V) proxy scores of the visual rows from the question rows; `projected` is the
+    block's in_proj output of the stage's packed batch."""
+    if decay:
+        return tp_all_reduce(_decayed_scores(projected, mixer, query_rows, queries, keys, visual_rows, use_dt))
+    first_row = keys.device[0].long()  # (R,) first row of each request
+    width, num_visual = visual_rows.shape
+    b, _, dt = mamba_bc_dt(projected, mixer, visual_rows.clamp_min(0), first_row[:, None].expand(-1, num_visual), need="b")
+    _, c, _ = mamba_bc_dt(projected, mixer, query_rows, _segment_of(first_row, queries), need="c")
+    flat = b.flatten(0, 1)  # (R*V, G, N): scored rows packed request by request
+    rows = torch.arange(width * num_visual, device=b.device).view(width, num_visual).masked_fill(visual_rows < 0, -1)
+    weight = None
+    if use_dt:
+        groups = b.shape[-2]
+        weight = dt.flatten(0, 1).view(width * num_visual, groups, -1).sum(-1)
+    return tp_all_reduce(kernels_for(projected).mamba_scores(c, flat, weight, queries, rows))
+
+
+def mamba_bc_dt(
+    projected: torch.Tensor, mixer, rows: torch.Tensor, first_row: torch.Tensor, need: str = "bc"
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """B, C (..., G, N) after conv1d + SiLU and dt (..., H) after softplus at `rows` of
+    the packed in_proj output, each row's conv window starting at `first_row` (its
+    request's first row: a fresh prefill starts from a zero conv state)."""
     inner, groups_n = mixer.tped_intermediate_size, mixer.groups_ssm_state_size // mixer.tp_size
-    xbc = projected[:, inner : inner + mixer.tped_conv_size]
-    dt_raw = projected[:, inner + mixer.tped_conv_size :]
-    conv_w = mixer.conv1d.weight.reshape(mixer.tped_conv_size, -1)
-    bc_channels = slice(mixer.tped_conv_size - 2 * groups_n, mixer.tped_conv_size)
-    weight = conv_w[bc_channels].unsqueeze(1)
-    bias = mixer.conv1d.bias[bc_channels] if mixer.conv1d.bias is not None else None
-    width = weight.shape[-1]
-    bc = F.conv1d(xbc[:, bc_channels].T.unsqueeze(0), weight, bias, padding=width - 1, groups=weight.shape[0])
-    bc = F.silu(bc[0, :, : xbc.shape[0]].T)
+    conv = mixer.tped_conv_size
     groups = mixer.n_groups // mixer.tp_size  # the model refuses TP sizes that do not divide n_groups
-    b, c = bc.reshape(xbc.shape[0], 2, groups, -1).unbind(1)
+    weight = mixer.conv1d.weight.reshape(conv, -1)
+    bias = mixer.conv1d.bias
+    b = c = None
+    for name, channels in (("b", slice(conv - 2 * groups_n, conv - groups_n)), ("c", slice(conv - groups_n, conv))):
+        if name in need:
+            xc = projected[:, inner : inner + conv][:, channels]
+            out = _causal_conv_silu_at(xc, weight[channels], bias[channels] if bias is not None else None, rows, first_row)
+            if name == "b":
+                b = out.view(*rows.shape, groups, -1)
+            else:
+                c = out.view(*rows.shape, groups, -1)
+    dt_raw = projected[:, inner + conv :].index_select(0, rows.flatten()).view(*rows.shape, -1)
     dt = F.softplus(dt_raw.float() + mixer.dt_bias.float())
     return b, c, dt
 
 
-def mamba_block_scores(
-    projected: torch.Tensor, mixer, q_rows: torch.Tensor, v_rows: torch.Tensor, use_dt: bool, decay: bool
+def _causal_conv_silu_at(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor, first_row: torch.Tensor
 ) -> torch.Tensor:
-    """Proxy scores of `v_rows` from `q_rows`; `projected` is one request's in_proj output."""
-    b, c, dt = mamba_bc_dt(projected, mixer)
-    groups, heads = b.shape[1], dt.shape[1]
-    if decay:
-        return tp_all_reduce(_decayed_mamba_scores(b, c, dt, mixer.A.float(), q_rows, v_rows, use_dt))
-    weight = dt[v_rows].view(len(v_rows), groups, heads // groups).sum(-1) if use_dt else None
-    return tp_all_reduce(kernels_for(projected).mamba_scores(c[q_rows], b[v_rows], weight))
+    """silu(sum_k weight[:, k] * x[row - (W-1-k)] + bias) at each of `rows`, taps before
+    `first_row` reading zeros: the depthwise causal conv1d of the scan, row by row.
+    x: (L, C); weight: (C, W); rows, first_row: same shape (...); returns (..., C) float32."""
+    taps = weight.shape[-1]
+    out = bias.float().expand(*rows.shape, -1).clone() if bias is not None else None
+    for k in range(taps):
+        src = rows - (taps - 1 - k)
+        value = x.index_select(0, src.clamp_min(0).flatten()).view(*rows.shape, -1).float()
+        term = value.masked_fill((src < first_row)[..., None], 0.0) * weight[:, k].float()
+        out = term if out is None else out + term
+    return F.silu(out)
 
 
-def _decayed_mamba_scores(b, c, dt, a, q_rows, v_rows, use_dt: bool, chunk: int = 16) -> torch.Tensor:
+def _segment_of(first_row: torch.Tensor, queries: Varlen) -> torch.Tensor:
+    """(T,) each question row's request's first row."""
+    return torch.repeat_interleave(first_row, queries.device[1].long(), output_size=sum(queries.lengths))
+
+
+def _decayed_scores(projected, mixer, query_rows, queries: Varlen, keys: Varlen, visual_rows, use_dt: bool) -> torch.Tensor:
     """The ablation the paper argues against: |C_t.B_s| dt_s exp(A_h (cs_t - cs_s)) summed
-    over heads, cs = cumsum(dt). Torch only (T x S x H memory, chunked over T)."""
+    over heads, cs = cumsum(dt) over the request's rows. Torch only, one request at a time."""
+    out = torch.zeros(visual_rows.shape, dtype=torch.float32, device=projected.device)
+    a = mixer.A.float()
+    for r, (k0, nk, q0, nq) in enumerate(zip(keys.starts, keys.lengths, queries.starts, queries.lengths)):
+        rows = torch.arange(k0, k0 + nk, device=projected.device)
+        b, c, dt = mamba_bc_dt(projected, mixer, rows, torch.full_like(rows, k0))
+        q_local = query_rows[q0 : q0 + nq] - k0
+        valid = visual_rows[r] >= 0
+        v_local = (visual_rows[r] - k0).clamp_min(0)
+        out[r] = _decayed(b, c, dt, a, q_local, v_local, use_dt).masked_fill(~valid, 0.0)
+    return out
+
+
+def _decayed(b, c, dt, a, q_rows, v_rows, use_dt: bool, chunk: int = 16) -> torch.Tensor:
     groups, heads = b.shape[1], dt.shape[1]
     cs = torch.cumsum(dt, 0)  # (L, H)
     head_group = torch.arange(heads, device=b.device) // (heads // groups)

@@ -9,8 +9,8 @@ request must use `seq_len - dropped[j]` and write its new token at
 the request leaves the runner (finish, abort).
 """
 
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .config import ReductionConfig
@@ -18,11 +18,15 @@ from .config import ReductionConfig
 
 @dataclass(frozen=True)
 class RequestInfo:
-    """One row of the batch, as the runner glue hands it to the model (batch order)."""
+    """One row of the batch, as the runner glue hands it to the model (batch order):
+    host-side counts, so the step can be planned without reading the device."""
 
     req_id: str
     num_prompt_tokens: int
     config: ReductionConfig
+    num_computed: int  # tokens whose KV/state exist before this step
+    num_scheduled: int  # tokens of this step
+    prompt_token_ids: Sequence[int] | None  # the runner's own list (not copied)
 
 
 @dataclass
@@ -34,6 +38,8 @@ class ReductionState:
     # reduced prefills (bounded; for inspection and tests)
     kept: OrderedDict[str, list[list[int]]] = field(default_factory=OrderedDict)
     max_kept_history: int = 256
+    # one record per language-model forward while `timing` is on (see timing.py)
+    timings: deque = field(default_factory=lambda: deque(maxlen=4096))
 
     def forget_all_but(self, live_req_ids: Iterable[str]) -> None:
         live = set(live_req_ids)

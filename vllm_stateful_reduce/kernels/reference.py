@@ -1,6 +1,32 @@
-"""Plain PyTorch definitions of the kernels: what each one computes, formula first."""
+"""Plain PyTorch definitions of the kernels: what each one computes, formula first.
+
+The scoring kernels take a varlen batch: the reducing requests of one step, packed
+row after row. `Varlen` says where each request's rows are, with host copies for
+Python loops (these references) and a device copy for kernels (Triton), both made
+when the step is planned, so neither implementation reads the device to find out.
+"""
+
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Varlen:
+    """Segments of a packed batch: request r owns rows starts[r] : starts[r] + lengths[r]."""
+
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+    device: torch.Tensor  # (2, R) int32: [starts; lengths], on the packed tensors' device
+
+    @classmethod
+    def of(cls, starts: list[int], lengths: list[int], device: torch.device | str = "cpu") -> "Varlen":
+        """Build one (uploads a small tensor: planning code packs its uploads instead)."""
+        table = torch.tensor([list(starts), list(lengths)], dtype=torch.int32).reshape(2, len(starts))
+        return cls(tuple(starts), tuple(lengths), table.to(device))
+
+    def __len__(self) -> int:
+        return len(self.starts)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -8,30 +34,59 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, index)
 
 
-def attention_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
-    """Mean attention each key receives from the query rows.
+def attention_scores(
+    q: torch.Tensor, k: torch.Tensor, queries: Varlen, keys: Varlen, v_rows: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Mean softmax attention each scored key receives from its request's query rows.
 
-    q: (T, Hq, d) query rows; k: (L, Hk, d) keys of the same request (GQA: Hq % Hk == 0);
-    q_pos: (T,) key index of each query row (it sees keys 0..q_pos[t]).
-    Returns (L,) float32:  out[s] = 1/(T*Hq) sum_{t,h} softmax_s(q_th . k_s * scale)  (causal).
-    Only T x L logits per head: never L x L.
+    q: (T, Hq, d) query rows, request r's at queries.starts[r] (+ lengths[r]); they are
+       the *last* rows of the request, so query i of r sits at key index
+       keys.lengths[r] - queries.lengths[r] + i and sees keys 0..that index (causal);
+    k: (L, Hk, d) keys of the packed batch, request r's at keys.starts[r] (GQA: Hq % Hk == 0);
+    v_rows: (R, V) int64 rows of k to score per request (inside its segment); -1 pads.
+    Returns (R, V) float32, 0 at padding:
+        out[r, j] = 1/(T_r Hq) sum_{t in r, h} softmax_s(q_th . k_s * scale)[s = v_rows[r, j]].
+    Only T_r x L_r logits per request and head: never L x L.
     """
+    out = torch.zeros(v_rows.shape, dtype=torch.float32, device=q.device)
     hq, hk = q.shape[1], k.shape[1]
-    kx = k.float().repeat_interleave(hq // hk, dim=1)  # (L, Hq, d)
-    logits = torch.einsum("thd,shd->hts", q.float(), kx) * scale
-    visible = torch.arange(k.shape[0], device=k.device)[None, :] <= q_pos[:, None].to(k.device)
-    probs = torch.softmax(logits.masked_fill(~visible[None], float("-inf")), dim=-1)
-    return probs.sum(dim=(0, 1)) / (q.shape[0] * hq)
+    for r, (q0, nq, k0, nk) in enumerate(zip(queries.starts, queries.lengths, keys.starts, keys.lengths)):
+        if nq == 0:
+            continue
+        qr = q[q0 : q0 + nq].float()
+        kr = k[k0 : k0 + nk].float().repeat_interleave(hq // hk, dim=1)  # (L_r, Hq, d)
+        logits = torch.einsum("thd,shd->hts", qr, kr) * scale
+        q_pos = torch.arange(nk - nq, nk, device=q.device)
+        visible = torch.arange(nk, device=q.device)[None, :] <= q_pos[:, None]
+        probs = torch.softmax(logits.masked_fill(~visible[None], float("-inf")), dim=-1)
+        per_key = probs.sum(dim=(0, 1)) / (nq * hq)  # (L_r,)
+        cols = v_rows[r]
+        valid = cols >= 0
+        out[r] = torch.where(valid, per_key[(cols - k0).clamp(0, nk - 1)], 0.0)
+    return out
 
 
-def mamba_scores(c: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+def mamba_scores(
+    c: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None, queries: Varlen, v_rows: torch.Tensor
+) -> torch.Tensor:
     """Implicit-attention proxy of Mamba2 without the decay.
 
-    c: (T, G, N) C of the query rows; b: (L, G, N) B of the scored tokens;
-    weight: (L, G) per-token, per-group factor (e.g. summed dt of the group's heads) or None.
-    Returns (L,) float32:  out[s] = 1/T sum_{t,g} |C_tg . B_sg| * weight_sg.
+    c: (T, G, N) C of the query rows, request r's at queries.starts[r] (+ lengths[r]);
+    b: (L, G, N) B of the packed batch; weight: (L, G) per-token, per-group factor
+       (e.g. the summed dt of the group's heads) or None;
+    v_rows: (R, V) int64 rows of b to score per request; -1 pads.
+    Returns (R, V) float32, 0 at padding:
+        out[r, j] = 1/T_r sum_{t in r, g} |C_tg . B_sg| * weight_sg,  s = v_rows[r, j].
     """
-    cb = torch.einsum("tgn,sgn->tsg", c.float(), b.float()).abs()
-    if weight is not None:
-        cb = cb * weight.float()[None]
-    return cb.sum(dim=(0, 2)) / c.shape[0]
+    out = torch.zeros(v_rows.shape, dtype=torch.float32, device=c.device)
+    for r, (q0, nq) in enumerate(zip(queries.starts, queries.lengths)):
+        if nq == 0:
+            continue
+        cols = v_rows[r]
+        valid = cols >= 0
+        rows = cols.clamp_min(0)
+        cb = torch.einsum("tgn,sgn->tsg", c[q0 : q0 + nq].float(), b[rows].float()).abs()
+        if weight is not None:
+            cb = cb * weight[rows].float()[None]
+        out[r] = torch.where(valid, cb.sum(dim=(0, 2)) / nq, 0.0)
+    return out

@@ -21,13 +21,14 @@ from vllm.model_executor.models.interfaces import (
 )
 from vllm.model_executor.models.nemotron_h import NemotronHForCausalLM
 from vllm.model_executor.models.radio import RadioModel
-from vllm.model_executor.model_loader.utils import initialize_model
+from vllm.config import set_current_vllm_config
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 from vllm.tokenizers import cached_tokenizer_from_config
 
 from ..config import from_additional_config
+from ..plan import VisualTokens
 from ..state import RequestInfo
 from .config import IMG_END, NemotronNanoVLConfig, radio_config_from
 from .reduced_stack import ReducibleNemotronHForCausalLM
@@ -50,9 +51,6 @@ def pixel_shuffle(x: torch.Tensor, scale_factor: float) -> torch.Tensor:
     NanoVLMultiModalProcessor, info=NanoVLProcessingInfo, dummy_inputs=NanoVLDummyInputsBuilder
 )
 class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsMultiModal):
-    # Lets the model find visual rows by their token id next to the embeddings.
-    requires_raw_input_tokens = True
-
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         return "<video>" if modality.startswith("video") else None
@@ -68,17 +66,18 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
         self.patch_size = config.patch_size
 
         self.reduction = from_additional_config(vllm_config.additional_config)  # checked at start-up
-        with self._mark_language_model(vllm_config):
-            self.language_model = initialize_model(
-                vllm_config=vllm_config.with_hf_config(config.text_config, architectures=["NemotronHForCausalLM"]),
-                prefix=maybe_prefix(prefix, "language_model"),
-                model_class=ReducibleNemotronHForCausalLM,
-            )
-        stack = self.language_model.model
-        stack.image_context_id = config.img_context_token_id
         tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
-        stack.video_end_length = len(tokenizer.encode(IMG_END, add_special_tokens=False))
-        stack.tokens_per_frame = config.tokens_per_frame
+        visual_tokens = VisualTokens(
+            context_token_id=config.img_context_token_id,
+            end_length=len(tokenizer.encode(IMG_END, add_special_tokens=False)),
+            tokens_per_frame=config.tokens_per_frame,
+        )
+        text_vllm_config = vllm_config.with_hf_config(config.text_config, architectures=["NemotronHForCausalLM"])
+        language_prefix = maybe_prefix(prefix, "language_model")
+        with self._mark_language_model(vllm_config), set_current_vllm_config(text_vllm_config, prefix=language_prefix):
+            self.language_model = ReducibleNemotronHForCausalLM(
+                vllm_config=text_vllm_config, prefix=language_prefix, visual_tokens=visual_tokens
+            )
         dtype = vllm_config.model_config.dtype
         with self._mark_tower_model(vllm_config, "video"):
             self.vision_model = RadioModel(config=radio_config_from(config)).to(dtype)
@@ -90,12 +89,13 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
                 nn.Linear(config.projector_hidden_size, config.text_config.hidden_size, bias=False),
             ).to(dtype)
 
-    def set_batch_requests(self, requests: list[tuple[str, int, dict | None]]) -> None:
-        """Called by the runner glue before each forward: (req_id, prompt length,
-        per-request overrides) for every row of the batch, in batch order."""
+    def set_batch_requests(self, requests: list[tuple]) -> None:
+        """Called by the runner glue before each forward, for every row of the batch in
+        batch order: (req_id, prompt length, per-request overrides, tokens computed
+        before this step, tokens of this step, prompt token ids)."""
         self.language_model.model.batch_requests = [
-            RequestInfo(req_id, num_prompt, self._request_config(overrides))
-            for req_id, num_prompt, overrides in requests
+            RequestInfo(req_id, num_prompt, self._request_config(overrides), computed, scheduled, prompt_ids)
+            for req_id, num_prompt, overrides, computed, scheduled, prompt_ids in requests
         ]
 
     def _request_config(self, overrides: dict | None):

@@ -1,224 +1,158 @@
 """NemotronH language model whose prefill drops visual tokens between blocks.
 
-vLLM's own layer classes run unchanged; this module owns only the loop over them.
-Per step: plan which requests reduce (fresh, whole-prompt prefills with video and
-query text) and which carry drops from their prefill (later steps). Then, block by
-block: run the block, add its scores (captured q/k or in_proj output) for each
-reducing request, and at a stage boundary keep the top-k visual rows per request,
-gather hidden states and residuals, and install the next stage's attention / Mamba2
-metadata in the forward context. At the end the rows go back to the full layout,
-which the sampler indexes (rows of dropped tokens are zeros).
+vLLM's own layer classes run (with the two scoring block kinds injected through
+`decoder_layer_types`); this module owns only the loop over them. Per step:
+
+1. plan on the host (`plan.plan_step`): which requests reduce, every stage's counts;
+   upload what the device needs in one copy;
+2. build the attention / Mamba2 metadata of every stage that changes (`metadata`);
+3. run the blocks; a scoring block adds its scores for all reducing requests in one
+   call (`scoring`); at a boundary one batched top-k picks the winners, hidden
+   states and residuals are gathered (`selection`) and the next stage's metadata
+   goes into the forward context;
+4. scatter the rows back to the full layout, which the sampler indexes (rows of
+   dropped tokens are zeros), and record what decode steps need (`state`).
 """
 
-from dataclasses import dataclass, field
-from unittest import mock
+from functools import partial
 
+import numpy as np
 import torch
 from vllm.compilation.decorators import ignore_torch_compile
 from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
-from vllm.model_executor.models import nemotron_h
-from vllm.multimodal.video_prune.evs import compute_retained_tokens_count, compute_retention_mask
 from vllm.model_executor.models.nemotron_h import (
     NemotronHAttentionDecoderLayer,
     NemotronHForCausalLM,
     NemotronHMambaDecoderLayer,
     NemotronHModel,
 )
+from vllm.multimodal.video_prune.evs import compute_retention_mask
 
 from .. import metadata as md
 from .. import scoring
-from ..config import ReductionConfig
+from ..config import ReductionConfig, from_additional_config
+from ..plan import DevicePlan, StepPlan, VisualTokens, plan_step
 from ..schedule import SCORING_KINDS, Schedule, boundary_blocks, build_schedule
+from ..selection import Kept, compact, top_k
 from ..state import ReductionState, RequestInfo
+from ..timing import PhaseTimer
+from ..vllm_compat import nemotron_h_stack
+from .layers import SCORED_LAYER_TYPES
 
 logger = init_logger(__name__)
-
-
-@dataclass
-class Request:
-    """One request of the batch during one step."""
-
-    index: int
-    info: RequestInfo
-    rows: int  # rows in the current stage
-    num_computed: int  # logical keys before this step, stage 0
-    seq_len: int  # keys after this step, stage 0
-    positions: torch.Tensor  # original positions of its current rows
-    start: int = 0  # first row in the batch's input layout
-    # reducing requests only (local row indices in the current stage):
-    visual: torch.Tensor | None = None
-    query: torch.Tensor | None = None
-    keep: list[int] | None = None  # visual tokens per stage
-    scores: torch.Tensor | None = None
-    dropped: list[int] = field(default_factory=list)  # per stage, from an earlier prefill
-    kept_positions: list[list[int]] = field(default_factory=list)  # per stage, reducing requests
 
 
 @ignore_torch_compile
 class ReducibleNemotronHModel(NemotronHModel):
     """Eager NemotronH stack with reduction boundaries (see module docstring)."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", visual_tokens: VisualTokens) -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_types=SCORED_LAYER_TYPES)
         self.vllm_config = vllm_config
+        self.visual_tokens = visual_tokens
         self.pattern = self.config.hybrid_override_pattern
+        global_config = from_additional_config(vllm_config.additional_config)  # checked at start-up
+        self.boundaries = boundary_blocks(self.pattern, global_config)  # engine-wide
+        self.timing = global_config.timing
         self.state = ReductionState()
         self.batch_requests: list[RequestInfo] = []
-        self.image_context_id: int | None = None  # set by the VLM
-        self.video_end_length = 1  # tokens of `</img>`; set by the VLM
-        self.tokens_per_frame = 1  # visual tokens per frame; set by the VLM
         self._builders: dict[type, object] = {}
         self._schedules: dict[str, Schedule] = {}  # by config; a schedule is a bisection
         self.attention_names = [
             l.mixer.attn.layer_name for l in self.layers if isinstance(l, NemotronHAttentionDecoderLayer)
         ]
         self.mamba_names = [l.mixer.prefix for l in self.layers if isinstance(l, NemotronHMambaDecoderLayer)]
-        self._captured: dict[int, torch.Tensor] = {}
-        self._capturing = False
-        for i, layer in enumerate(self.layers):
-            if isinstance(layer, NemotronHMambaDecoderLayer):
-                mixer = layer.mixer
-                if mixer.n_groups % mixer.tp_size:
-                    raise ValueError("token reduction needs n_groups divisible by the tensor-parallel size")
-                mixer.in_proj.register_forward_hook(self._capture_hook(i))
-            elif isinstance(layer, NemotronHAttentionDecoderLayer):
-                layer.mixer.qkv_proj.register_forward_hook(self._capture_hook(i))
-
-    def _capture_hook(self, block: int):
-        def hook(_module, _inputs, output):
-            if self._capturing:
-                self._captured[block] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    # ------------------------------------------------------------------ planning
-
-    def _plan(self, input_ids: torch.Tensor | None) -> list[Request] | None:
-        ctx = get_forward_context()
-        attn_md = ctx.attn_metadata
-        infos = self.batch_requests
-        if not isinstance(attn_md, dict) or not infos or input_ids is None:
-            return None
-        attn_meta = attn_md.get(self.attention_names[0]) if self.attention_names else None
-        if attn_meta is None:
-            return None
-        seq_lens, _ = md.standard_fields(attn_meta)
-        qsl = attn_meta.query_start_loc.cpu().tolist()
-        seq_lens = seq_lens.cpu().tolist()
-        if len(qsl) - 1 != len(infos):
-            logger.warning_once("batch has %d rows but %d request infos; not reducing", len(qsl) - 1, len(infos))
-            return None
-        self.state.forget_all_but(i.req_id for i in infos)
-        requests, active = [], False
-        for r, info in enumerate(infos):
-            start, rows = qsl[r], qsl[r + 1] - qsl[r]
-            computed = seq_lens[r] - rows
-            req = Request(r, info, rows, computed, seq_lens[r], torch.arange(computed, seq_lens[r]), start)
-            if computed == 0:
-                self._plan_prefill(req, input_ids[start : start + rows])
-            else:
-                req.dropped = self.state.dropped.get(info.req_id, [])
-            active |= req.keep is not None or any(req.dropped)
-            requests.append(req)
-        return requests if active else None
-
-    def _plan_prefill(self, req: Request, ids: torch.Tensor) -> None:
-        config: ReductionConfig = req.info.config
-        # visual rows of the prompt (a recomputed request also carries its output)
-        visual = torch.nonzero(ids[: req.info.num_prompt_tokens] == self.image_context_id).flatten().cpu()
-        reason = None
-        if req.rows < req.info.num_prompt_tokens:
-            reason = "prompt_split_across_steps"
-        elif not len(visual):
-            reason = "no_video"
-        elif not config.enabled:
-            reason = "disabled"
-        # the question: prompt text after the last video's closing wrapper (`</img>`)
-        first_query = int(visual[-1]) + 1 + self.video_end_length if reason is None else 0
-        query = torch.arange(first_query, req.info.num_prompt_tokens) if reason is None else None
-        if reason is None and not len(query):
-            reason = "no_text_after_video"
-        keep = None
-        if reason is None and config.evs_rate and len(visual) % self.tokens_per_frame:
-            reason = "visual_tokens_not_whole_frames"
-        if reason is None:
-            entering = len(visual)  # visual tokens that enter the LLM after EVS
-            if config.evs_rate:
-                frames = len(visual) // self.tokens_per_frame
-                entering = compute_retained_tokens_count(self.tokens_per_frame, frames, config.evs_rate)
-            try:
-                keep = self._schedule(config).keep_counts(entering, config.min_keep)
-            except ValueError as err:  # a per-request budget this pattern cannot reach
-                reason = f"infeasible: {err}"
-            if keep is not None and keep[-1] == len(visual):
-                reason, keep = "nothing_to_drop", None
-        self.state.record(req.info.req_id, [len(visual) - k for k in keep] if keep else [])
-        if reason is not None:
-            if reason not in ("no_video", "disabled"):
-                self.state.count_skip(reason.split(":")[0])
-                logger.info("request %s served unreduced: %s", req.info.req_id, reason)
-            return
-        req.visual, req.query, req.keep = visual, query, keep
-        req.kept_positions = [visual.tolist()]
-        req.scores = torch.zeros(len(visual), dtype=torch.float32)
+        for layer in self.layers:
+            if isinstance(layer, NemotronHMambaDecoderLayer) and layer.mixer.n_groups % layer.mixer.tp_size:
+                raise ValueError("token reduction needs n_groups divisible by the tensor-parallel size")
 
     # ------------------------------------------------------------------ forward
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        requests = self._plan(input_ids)
-        if requests is None:
+        if not self.batch_requests:  # dummy / profile runs
             return NemotronHModel.forward(self, input_ids, positions, intermediate_tensors, inputs_embeds)
-        ctx = get_forward_context()
-        saved = dict(ctx.attn_metadata), dict(ctx.slot_mapping)
-        try:
-            return self._reduced_forward(requests, input_ids, positions, inputs_embeds)
-        finally:
-            ctx.attn_metadata.clear()
-            ctx.attn_metadata.update(saved[0])
-            ctx.slot_mapping.clear()
-            ctx.slot_mapping.update(saved[1])
+        timer = PhaseTimer(self.timing, positions.device)
+        start = timer.clock()
+        with timer.phase("plan"):
+            plan = plan_step(self.batch_requests, self.state.dropped, self.visual_tokens, self._schedule, len(self.boundaries) + 1)
+            self._record_plan(plan)
+        if not plan.active:
+            out = NemotronHModel.forward(self, input_ids, positions, intermediate_tensors, inputs_embeds)
+        else:
+            ctx = get_forward_context()
+            saved = dict(ctx.attn_metadata), dict(ctx.slot_mapping)
+            try:
+                out = self._reduced_forward(plan, timer, input_ids, positions, inputs_embeds)
+            finally:
+                ctx.attn_metadata.clear()
+                ctx.attn_metadata.update(saved[0])
+                ctx.slot_mapping.clear()
+                ctx.slot_mapping.update(saved[1])
+        if self.timing:
+            self.state.timings.append(timer.record(start, bool(plan.reducing), len(plan.scheduled), int(plan.scheduled.sum())))
+        return out
 
-    def _reduced_forward(self, requests: list[Request], input_ids, positions, inputs_embeds) -> torch.Tensor:
-        num_tokens = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
+    def _record_plan(self, plan: StepPlan) -> None:
+        self.state.forget_all_but(info.req_id for info in self.batch_requests)
+        for req_id, dropped in plan.dropped.items():
+            self.state.record(req_id, dropped)
+        for skip in plan.skipped:
+            self.state.count_skip(skip.reason.split(":")[0])
+            logger.info("request %s served unreduced: %s", skip.req_id, skip.reason)
+
+    def _reduced_forward(self, plan: StepPlan, timer: PhaseTimer, input_ids, positions, inputs_embeds) -> torch.Tensor:
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        total = sum(r.rows for r in requests)
+        num_tokens, total = hidden.shape[0], int(plan.scheduled.sum())
         hidden, residual = hidden[:total], None
-        orig_rows = torch.arange(total)
-        reducing = [r for r in requests if r.keep is not None]
-        config = requests[0].info.config  # boundaries and scoring choices are engine-wide
-        boundaries = boundary_blocks(self.pattern, config)
-        evs = [r for r in reducing if r.info.config.evs_rate]
-        if evs:  # EVS-style pruning of the input embeddings, before block 0
-            index = self._select(requests, 0, lambda req, _stage: self._evs_choice(req, hidden))
-            if index is not None:
-                hidden = scoring.kernels_for(hidden).gather_rows(hidden, index)
-                orig_rows = orig_rows[index.cpu()]
-        if evs or any(r.dropped and r.dropped[0] for r in requests):
-            self._install_stage(requests, 0)
+        with timer.phase("metadata"):
+            device_plan = plan.upload(hidden.device)
+            ctx = get_forward_context()
+            stages = md.stage_metadata(
+                plan, device_plan, ctx.attn_metadata, self.attention_names, self.mamba_names, self._builder
+            )
+        orig_rows = torch.arange(total, device=hidden.device)
+        kept = history = None
+        if plan.reducing:
+            kept = Kept(device_plan.visual_rows, device_plan.visual_positions, torch.zeros_like(device_plan.visual_rows, dtype=torch.float32))
+            if any(r.config.evs_rate for r in plan.reducing):  # EVS-style pruning of the input, before block 0
+                with timer.phase("selection"):
+                    index, kept = self._select(plan, device_plan, kept, 0, self._evs_scores(plan, kept, hidden), total)
+                with timer.phase("compaction"):
+                    hidden, orig_rows = self._gather(hidden, index), orig_rows[index]
+            history = [kept.positions]
+        self._install(stages[0])
+        config = plan.reducing[0].config if plan.reducing else None  # scoring choices are engine-wide
         stage = 0
         for b, layer in enumerate(self.layers):
-            scoring_block = bool(reducing) and stage < len(boundaries) and self._scores_block(b, config)
-            self._capturing = scoring_block
-            hidden, residual = layer(positions=positions, hidden_states=hidden, residual=residual)
-            self._capturing = False
-            if scoring_block:
-                self._add_scores(b, layer, requests, config)
-            if stage < len(boundaries) and b == boundaries[stage]:
+            if config is not None and stage < len(self.boundaries) and self._scores_block(b, config):
+                hidden, residual, projected = layer.forward_scored(hidden, residual)
+                with timer.phase("scoring"):
+                    kept = kept.with_scores(self._block_scores(layer, projected, device_plan, stage, kept, config))
+            else:
+                hidden, residual = layer(positions=positions, hidden_states=hidden, residual=residual)
+            if stage < len(self.boundaries) and b == self.boundaries[stage]:
                 stage += 1
-                index = self._select(requests, stage, self._score_choice)
-                if index is not None:
-                    gather = scoring.kernels_for(hidden).gather_rows
-                    hidden, residual = gather(hidden, index), gather(residual, index)
-                    orig_rows = orig_rows[index.cpu()]
-                self._install_stage(requests, stage)
+                if plan.reducing:
+                    with timer.phase("selection"):
+                        num_rows = int(plan.rows[stage - 1].sum())
+                        ranking = self._ranking(plan, kept, stage) if config.selection == "random" else kept.scores
+                        index, kept = self._select(plan, device_plan, kept, stage, ranking, num_rows)
+                    with timer.phase("compaction"):
+                        hidden, residual = self._gather(hidden, index), self._gather(residual, index)
+                        orig_rows = orig_rows[index]
+                    history.append(kept.positions)
+                self._install(stages[stage])
         hidden, _ = self.norm_f(hidden, residual)
-        if hidden.shape[0] == num_tokens and len(orig_rows) == num_tokens:
+        if history is not None:
+            self._record_kept(plan, history)
+        if hidden.shape[0] == num_tokens:
             return hidden
         out = hidden.new_zeros(num_tokens, hidden.shape[1])
-        out[orig_rows.to(hidden.device)] = hidden
-        return out
+        return out.index_copy_(0, orig_rows, hidden)
+
+    # ------------------------------------------------------------------ pieces
 
     def _schedule(self, config: ReductionConfig) -> Schedule:
         key = config.model_dump_json()
@@ -226,132 +160,91 @@ class ReducibleNemotronHModel(NemotronHModel):
             self._schedules[key] = build_schedule(self.pattern, config)
         return self._schedules[key]
 
-    def _stage_scores(self, stage: int) -> bool:
-        """Whether any block of stage `stage` contributes scores."""
-        config = self.batch_requests[0].config  # boundaries are engine-wide
-        edges = [-1, *boundary_blocks(self.pattern, config), len(self.pattern) - 1]
-        return any(self._scores_block(b, config) for b in range(edges[stage] + 1, edges[stage + 1] + 1))
-
     def _scores_block(self, block: int, config: ReductionConfig) -> bool:
         kind = SCORING_KINDS.get(self.pattern[block])
         return config.selection == "scores" and kind is not None and config.score_layers in ("all", kind)
 
-    def _add_scores(self, block: int, layer, requests: list[Request], config: ReductionConfig) -> None:
-        out = self._captured.pop(block)
-        start = 0
-        for req in requests:
-            rows = out[start : start + req.rows]
-            start += req.rows
-            if req.keep is None:
-                continue
-            if isinstance(layer, NemotronHAttentionDecoderLayer):
-                m = layer.mixer
-                s = scoring.attention_block_scores(rows, req.query, req.visual, m.num_heads, m.num_kv_heads, m.head_dim)
-            else:
-                s = scoring.mamba_block_scores(rows, layer.mixer, req.query, req.visual, config.mamba_dt, config.mamba_decay)
-            req.scores += scoring.normalised(s.float().cpu(), config.score_norm)
+    def _stage_scores(self, stage: int, config: ReductionConfig) -> bool:
+        """Whether any block of stage `stage` contributes scores."""
+        edges = [-1, *self.boundaries, len(self.pattern) - 1]
+        return any(self._scores_block(b, config) for b in range(edges[stage] + 1, edges[stage + 1] + 1))
 
-    def _score_choice(self, req: Request, stage: int) -> torch.Tensor:
-        """Indices (into req.visual) of the top-k by score, or a seeded random k."""
-        k = req.keep[stage]
-        if req.info.config.selection == "random":  # baseline: seeded, same count
-            generator = torch.Generator().manual_seed(1_000_003 * stage + len(req.scores))
-            return torch.randperm(len(req.scores), generator=generator)[:k]
-        return torch.sort(req.scores, descending=True, stable=True).indices[:k]
+    def _block_scores(self, layer, projected, device_plan: DevicePlan, stage: int, kept: Kept, config: ReductionConfig):
+        args = (device_plan.query_rows[stage], device_plan.queries, device_plan.keys[stage], kept.rows)
+        if isinstance(layer, NemotronHAttentionDecoderLayer):
+            scores = scoring.attention_block_scores(projected, layer.mixer, *args)
+        else:
+            scores = scoring.mamba_block_scores(projected, layer.mixer, *args, config.mamba_dt, config.mamba_decay)
+        return scoring.normalised(scores, kept.valid, config.score_norm)
 
-    def _evs_choice(self, req: Request, hidden: torch.Tensor) -> torch.Tensor:
-        """vLLM's EVS rule on the request's visual input embeddings (frames in order)."""
-        if not req.info.config.evs_rate:
-            return torch.arange(len(req.visual))
-        rows = hidden[req.start + req.visual.to(hidden.device)]
-        side = int(round(self.tokens_per_frame**0.5))
-        mask = compute_retention_mask(rows, (len(rows) // self.tokens_per_frame, side, side), 1, req.info.config.evs_rate)
-        return torch.nonzero(mask.cpu()).flatten()
+    def _select(self, plan: StepPlan, device_plan: DevicePlan, kept: Kept, stage: int, ranking: torch.Tensor, num_rows: int):
+        """Keep each reducing request's `keep[stage]` best-ranked visual tokens."""
+        k_max = max(r.keep[stage] for r in plan.reducing)
+        chosen = top_k(ranking, kept.valid, device_plan.keep[stage], k_max)
+        config = plan.reducing[0].config
+        carry = stage > 0 and not self._stage_scores(stage, config)
+        return compact(kept, chosen, num_rows, int(plan.rows[stage].sum()), carry)
 
-    def _select(self, requests: list[Request], stage: int, choose) -> torch.Tensor | None:
-        """Keep `choose(req, stage)` of each reducing request's visual rows (order kept),
-        text rows always; returns the gather index (None if nothing changed)."""
-        pieces, start, changed = [], 0, False
-        for req in requests:
-            rows_before = req.rows
-            local = torch.arange(req.rows)
-            if req.keep is not None:
-                k = req.keep[stage]
-                kept_visual = torch.sort(choose(req, stage)).values
-                stay = torch.ones(req.rows, dtype=torch.bool)
-                stay[req.visual] = False
-                stay[req.visual[kept_visual]] = True
-                local = torch.nonzero(stay).flatten()
-                changed |= len(local) != req.rows
-                # re-express visual/query rows in the new local coordinates
-                new_index = torch.full((req.rows,), -1, dtype=torch.long)
-                new_index[local] = torch.arange(len(local))
-                req.visual = new_index[req.visual[kept_visual]]
-                req.query = new_index[req.query]
-                # a stage without scoring blocks selects with the scores it inherited
-                req.scores = torch.zeros(k) if self._stage_scores(stage) else req.scores[kept_visual]
-                req.positions = req.positions[local]
-                req.rows = len(local)
-                if stage == 0:  # EVS: the tokens entering the LLM
-                    req.kept_positions = []
-                req.kept_positions.append(req.positions[req.visual].tolist())
-                if stage + 1 >= len(req.keep):
-                    req.keep = None  # last boundary done
-                    self.state.record_kept(req.info.req_id, req.kept_positions)
-            pieces.append(local + start)
-            start += rows_before
-        return torch.cat(pieces) if changed else None
+    @staticmethod
+    def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return scoring.kernels_for(x).gather_rows(x, index)
 
-    def _install_stage(self, requests: list[Request], stage: int) -> None:
-        """Put stage `stage`'s metadata in the forward context for every layer."""
-        layout = self._layout(requests, stage)
+    def _ranking(self, plan: StepPlan, kept: Kept, stage: int) -> torch.Tensor:
+        """`selection: random` (a baseline): a seeded random order per request, made on the host."""
+        ranking = np.zeros(tuple(kept.rows.shape), dtype=np.float32)
+        for i, r in enumerate(plan.reducing):
+            count = r.keep[stage - 1]
+            generator = torch.Generator().manual_seed(1_000_003 * stage + count)
+            ranking[i, torch.randperm(count, generator=generator).numpy()] = np.arange(count, 0, -1)
+        return torch.from_numpy(ranking).to(kept.rows.device)
+
+    def _evs_scores(self, plan: StepPlan, kept: Kept, hidden: torch.Tensor) -> torch.Tensor:
+        """1 for the visual tokens vLLM's EVS rule keeps (frames in order), 0 for the rest;
+        requests without EVS rank all theirs 1 (their keep[0] is all of them)."""
+        ranking = torch.ones(kept.rows.shape, dtype=torch.float32, device=hidden.device)
+        side = int(round(self.visual_tokens.tokens_per_frame**0.5))
+        for i, r in enumerate(plan.reducing):
+            if r.config.evs_rate:
+                count = len(r.visual)
+                rows = hidden.index_select(0, kept.rows[i, :count])
+                frames = count // self.visual_tokens.tokens_per_frame
+                mask = compute_retention_mask(rows, (frames, side, side), 1, r.config.evs_rate)
+                ranking[i, :count] = mask.float()
+        return ranking
+
+    def _install(self, stage_md: md.StageMetadata | None) -> None:
+        """Put a stage's metadata in the forward context for every layer. (None: the
+        runner's layout stands; only stages before the first change can be None, since
+        rows and keys per request never grow with depth.)"""
+        if stage_md is None:
+            return
         ctx = get_forward_context()
-        rebuilt: dict[int, tuple[object, torch.Tensor | None]] = {}
-        for name in self.attention_names:
-            meta = ctx.attn_metadata[name]
-            if id(meta) not in rebuilt:
-                rebuilt[id(meta)] = md.attention_metadata(self._builder(name, meta), meta, layout)
-            ctx.attn_metadata[name], ctx.slot_mapping[name] = rebuilt[id(meta)]
-        for name in self.mamba_names:
-            meta = ctx.attn_metadata[name]
-            if id(meta) not in rebuilt:
-                rebuilt[id(meta)] = (md.mamba_metadata(meta, layout, meta.chunk_size), None)
-            ctx.attn_metadata[name] = rebuilt[id(meta)][0]
+        for name, (meta, slots) in stage_md.items():
+            ctx.attn_metadata[name] = meta
+            if slots is not None:
+                ctx.slot_mapping[name] = slots
 
-    def _layout(self, requests: list[Request], stage: int) -> md.StageLayout:
-        query_lens, seq_lens, computed, logical, owner = [], [], [], [], []
-        for req in requests:
-            dropped = req.dropped[stage] if stage < len(req.dropped) else 0
-            if req.rows != len(req.positions):
-                raise AssertionError("row bookkeeping out of step")
-            fresh_reduced = req.num_computed == 0 and req.rows != req.seq_len
-            if fresh_reduced:  # compacted prefill: logical positions 0..rows-1
-                logical.append(torch.arange(req.rows))
-                seq_lens.append(req.rows)
-            else:
-                logical.append(req.positions - dropped)
-                seq_lens.append(req.seq_len - dropped)
-            computed.append(req.num_computed - dropped if not fresh_reduced else 0)
-            query_lens.append(req.rows)
-            owner.append(torch.full((req.rows,), req.index))
-        return md.StageLayout(query_lens, seq_lens, computed, torch.cat(logical), torch.cat(owner))
+    def _record_kept(self, plan: StepPlan, history: list[torch.Tensor]) -> None:
+        """Prompt positions of the visual tokens kept at each stage (one device read)."""
+        widths = [h.shape[1] for h in history]
+        kept = torch.cat(history, dim=1).cpu().numpy()
+        for i, r in enumerate(plan.reducing):
+            per_stage = np.split(kept[i], np.cumsum(widths)[:-1])
+            self.state.record_kept(r.req_id, [s[s >= 0].tolist() for s in per_stage])
 
     def _builder(self, layer_name: str, meta) -> object:
         """The attention backend's metadata builder for this layer's KV-cache group."""
         if type(meta) not in self._builders:
             layer = self.vllm_config.compilation_config.static_forward_context[layer_name]
             spec = layer.get_kv_cache_spec(self.vllm_config)
-            names = self.attention_names
             device = md.standard_fields(meta)[1].device
-            self._builders[type(meta)] = layer.get_attn_backend().get_builder_cls()(spec, names, self.vllm_config, device)
+            self._builders[type(meta)] = layer.get_attn_backend().get_builder_cls()(spec, self.attention_names, self.vllm_config, device)
         return self._builders[type(meta)]
 
 
 class ReducibleNemotronHForCausalLM(NemotronHForCausalLM):
     """vLLM's NemotronHForCausalLM built around `ReducibleNemotronHModel`."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        # NemotronHForCausalLM.__init__ names the stack class through its module;
-        # swap it for the duration of construction (vLLM 0.32 layout).
-        with mock.patch.object(nemotron_h, "NemotronHModel", ReducibleNemotronHModel):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", visual_tokens: VisualTokens) -> None:
+        with nemotron_h_stack(partial(ReducibleNemotronHModel, visual_tokens=visual_tokens)):
             super().__init__(vllm_config=vllm_config, prefix=prefix)

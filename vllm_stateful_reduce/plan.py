@@ -1,0 +1,237 @@
+"""The reduction plan of one engine step, made on the host before block 0.
+
+Every count of a reduced step follows from the prompts, the schedule and the dropped
+counts of earlier steps: how many rows each request has in each stage, where its
+question rows are, how many keys each stage's attention layers hold. Only *which*
+visual tokens win is left to the device. So the plan is computed from host data the
+runner already has (no device reads), and everything the device needs from it goes
+up in one upload (`StepPlan.upload`).
+
+Stages: stage 0 runs blocks 0..b_1 (after EVS-style pruning of the input, if any),
+stage j runs the blocks after boundary b_j. A *reducing* request is a fresh,
+whole-prompt prefill with video and question text; it keeps `keep[j]` visual tokens
+in stage j. A *continuing* request carries `dropped[j]` from its own reduced prefill
+in an earlier step: its stage-j attention layers hold `seq_len - dropped[j]` keys.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
+
+from .config import ReductionConfig
+from .kernels.reference import Varlen
+from .schedule import Schedule
+from .state import RequestInfo
+
+
+@dataclass(frozen=True)
+class VisualTokens:
+    """How visual tokens appear in a prompt (fixed per checkpoint)."""
+
+    context_token_id: int  # the id of every visual row
+    end_length: int  # tokens of the closing wrapper `</img>` after the last one
+    tokens_per_frame: int
+
+
+@dataclass(frozen=True)
+class Reducing:
+    """A request whose prefill drops visual tokens in this step."""
+
+    batch_index: int
+    req_id: str
+    visual: np.ndarray  # (V,) prompt positions of its visual tokens
+    num_query: int  # question rows: the prompt's last rows
+    num_output: int  # rows after the prompt (a preempted request recomputes its output)
+    keep: tuple[int, ...]  # visual tokens in each stage; keep[0] enter the LLM (after EVS)
+    config: ReductionConfig
+
+
+@dataclass(frozen=True)
+class Skip:
+    req_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Counts of one step: (stages, requests) arrays in batch order."""
+
+    scheduled: np.ndarray  # (R,) rows per request as the runner scheduled them
+    computed: np.ndarray  # (R,) keys per request before this step, as the runner counts them
+    rows: np.ndarray  # (stages, R) rows of each request in each stage
+    num_computed: np.ndarray  # (stages, R) logical keys before this step in each stage's attention layers
+    reducing: tuple[Reducing, ...]
+    dropped: dict[str, list[int]]  # fresh prefills of this step: dropped per stage (to record)
+    skipped: tuple[Skip, ...]  # fresh prefills with video served unreduced, and why
+
+    @property
+    def num_stages(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def seq_lens(self) -> np.ndarray:
+        return self.num_computed + self.rows
+
+    @property
+    def active(self) -> bool:
+        """Whether any stage differs from the runner's layout (else: the plain forward)."""
+        return any(self.changes(j) for j in range(self.num_stages))
+
+    def changes(self, stage: int) -> bool:
+        """Whether stage `stage`'s layout differs from what the runner scheduled."""
+        return bool((self.rows[stage] != self.scheduled).any() or (self.num_computed[stage] != self.computed).any())
+
+    def starts(self, stage: int) -> np.ndarray:
+        """First row of each request in the stage's packed batch."""
+        return _exclusive_cumsum(self.rows[stage])
+
+    def upload(self, device: torch.device) -> "DevicePlan":
+        return DevicePlan.of(self, device)
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What the device needs of a plan, uploaded in one copy; host copies alongside."""
+
+    query_start_loc: list[torch.Tensor]  # per stage, (R+1,) int32 on the device
+    seq_lens: list[torch.Tensor]  # per stage, (R,) int32 on the device
+    keys: list[Varlen]  # per stage, the reducing requests' prompt rows in the packed batch
+    queries: Varlen  # the reducing requests' question rows, packed (same in every stage)
+    query_rows: list[torch.Tensor]  # per stage, (T,) int64 rows of the question rows
+    keep: list[torch.Tensor]  # per stage, (R_red,) int64 visual tokens each reducing request keeps
+    visual_rows: torch.Tensor  # (R_red, V) int64 input rows of the visual tokens; -1 pads
+    visual_positions: torch.Tensor  # (R_red, V) int64 their prompt positions; -1 pads
+
+    @classmethod
+    def of(cls, plan: StepPlan, device: torch.device) -> "DevicePlan":
+        from vllm.utils.torch_utils import async_tensor_h2d
+
+        host = _host_arrays(plan)
+        flat = np.concatenate([a.ravel() for a in host.values()]).astype(np.int64)
+        data = async_tensor_h2d(flat, dtype=torch.int64, device=device)
+        views, offset = {}, 0
+        for name, array in host.items():
+            views[name] = data[offset : offset + array.size].view(array.shape)
+            offset += array.size
+        stages, red = plan.num_stages, len(plan.reducing)
+        q_lens = [r.num_query for r in plan.reducing]
+        q_starts = _exclusive_cumsum(np.array(q_lens, dtype=np.int64)).tolist()
+        return cls(
+            query_start_loc=[views[f"qsl{j}"].int() for j in range(stages)],
+            seq_lens=[views[f"seq{j}"].int() for j in range(stages)],
+            keys=[
+                Varlen(tuple(host[f"keys{j}"][0].tolist()), tuple(host[f"keys{j}"][1].tolist()), views[f"keys{j}"].int())
+                for j in range(stages)
+            ],
+            queries=Varlen(tuple(q_starts), tuple(q_lens), views["queries"].int()),
+            query_rows=[views[f"qrows{j}"] for j in range(stages)],
+            keep=[views["keep"][:, j] for j in range(stages)],
+            visual_rows=views["visual_rows"],
+            visual_positions=views["visual_positions"],
+        )
+
+
+def _host_arrays(plan: StepPlan) -> dict[str, np.ndarray]:
+    """Every integer array of the plan the device needs, by name."""
+    out: dict[str, np.ndarray] = {}
+    index = [r.batch_index for r in plan.reducing]
+    num_query = np.array([r.num_query for r in plan.reducing], dtype=np.int64)
+    num_output = np.array([r.num_output for r in plan.reducing], dtype=np.int64)
+    for j in range(plan.num_stages):
+        out[f"qsl{j}"] = np.concatenate([[0], np.cumsum(plan.rows[j])])
+        out[f"seq{j}"] = plan.seq_lens[j]
+        starts = plan.starts(j)[index]
+        prompt_rows = plan.rows[j][index] - num_output  # keys a question row can see
+        out[f"keys{j}"] = np.stack([starts, prompt_rows]).reshape(2, len(index))
+        first_query = starts + prompt_rows - num_query
+        out[f"qrows{j}"] = _ranges(first_query, num_query)
+    out["queries"] = np.stack([_exclusive_cumsum(num_query), num_query]).reshape(2, len(index))
+    out["keep"] = np.array([r.keep for r in plan.reducing], dtype=np.int64).reshape(len(index), plan.num_stages)
+    width = max((len(r.visual) for r in plan.reducing), default=0)
+    rows = np.full((len(index), width), -1, dtype=np.int64)
+    positions = np.full((len(index), width), -1, dtype=np.int64)
+    starts = _exclusive_cumsum(plan.scheduled)  # visual rows as the runner laid them out
+    for i, r in enumerate(plan.reducing):
+        rows[i, : len(r.visual)] = starts[r.batch_index] + r.visual
+        positions[i, : len(r.visual)] = r.visual
+    out["visual_rows"], out["visual_positions"] = rows, positions
+    return out
+
+
+def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
+    return (np.cumsum(counts) - counts).astype(np.int64)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + n) for each (s, n)."""
+    if not len(lengths) or not lengths.sum():
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.arange(lengths.sum()) - np.repeat(_exclusive_cumsum(lengths), lengths)
+    return np.repeat(starts, lengths) + offsets
+
+
+def plan_step(
+    batch: Sequence[RequestInfo],
+    dropped: Mapping[str, list[int]],
+    visual_tokens: VisualTokens,
+    schedule_for: Callable[[ReductionConfig], Schedule],
+    num_stages: int,
+) -> StepPlan:
+    """The step's plan from the runner's host-side counts (`plan.active` says whether
+    anything differs from a plain forward)."""
+    scheduled = np.array([info.num_scheduled for info in batch], dtype=np.int64)
+    computed = np.array([info.num_computed for info in batch], dtype=np.int64)
+    rows = np.tile(scheduled, (num_stages, 1))
+    num_computed = np.tile(computed, (num_stages, 1))
+    reducing, fresh_dropped, skipped = [], {}, []
+    for i, info in enumerate(batch):
+        if info.num_computed > 0:  # a later step: its drops, if its prefill reduced
+            carried = list(dropped.get(info.req_id, ()))[:num_stages]
+            num_computed[:, i] -= np.array(carried + [0] * (num_stages - len(carried)), dtype=np.int64)
+            continue
+        request, reason = _plan_prefill(i, info, visual_tokens, schedule_for)
+        if reason is not None and reason not in ("no_video", "disabled"):
+            skipped.append(Skip(info.req_id, reason))
+        fresh_dropped[info.req_id] = [len(request.visual) - k for k in request.keep] if request else []
+        if request is not None:
+            rows[:, i] += np.array(request.keep) - len(request.visual)
+            reducing.append(request)
+    return StepPlan(scheduled, computed, rows, num_computed, tuple(reducing), fresh_dropped, tuple(skipped))
+
+
+def _plan_prefill(
+    index: int, info: RequestInfo, visual_tokens: VisualTokens, schedule_for: Callable[[ReductionConfig], Schedule]
+) -> tuple[Reducing | None, str | None]:
+    """A fresh prefill: (its reduction, None) or (None, why it is served unreduced)."""
+    config = info.config
+    if info.prompt_token_ids is None:
+        return None, "no_video"
+    prompt = np.asarray(info.prompt_token_ids[: info.num_prompt_tokens])
+    visual = np.flatnonzero(prompt == visual_tokens.context_token_id)
+    if info.num_scheduled < info.num_prompt_tokens:
+        return None, "prompt_split_across_steps"
+    if not len(visual):
+        return None, "no_video"
+    if not config.enabled:
+        return None, "disabled"
+    # the question: prompt text after the last video's closing wrapper (`</img>`)
+    num_query = info.num_prompt_tokens - (int(visual[-1]) + 1 + visual_tokens.end_length)
+    if num_query <= 0:
+        return None, "no_text_after_video"
+    entering = len(visual)  # visual tokens that enter the LLM after EVS
+    if config.evs_rate:
+        if len(visual) % visual_tokens.tokens_per_frame:
+            return None, "visual_tokens_not_whole_frames"
+        frames = len(visual) // visual_tokens.tokens_per_frame
+        entering = compute_retained_tokens_count(visual_tokens.tokens_per_frame, frames, config.evs_rate)
+    try:
+        keep = schedule_for(config).keep_counts(entering, config.min_keep)
+    except ValueError as err:  # a per-request budget this pattern cannot reach
+        return None, f"infeasible: {err}"
+    if keep[-1] == len(visual):
+        return None, "nothing_to_drop"
+    num_output = info.num_scheduled - info.num_prompt_tokens
+    return Reducing(index, info.req_id, visual, num_query, num_output, (*keep,), config), None
