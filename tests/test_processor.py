@@ -104,3 +104,15 @@ def test_chat_template_places_video_placeholder(processor: NanoVLVideoPreprocess
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
         assert rendered == chat_prompt("What?")
+
+
+def test_per_request_options_survive_the_model_dtype() -> None:
+    """vLLM casts floating-point multimodal fields to the model's dtype: options travel
+    as integers, so a budget of 0.35 stays 0.35 in a bf16 engine (it was 0.3496)."""
+    from vllm_stateful_reduce.model.processing import decode_options, encode_options
+
+    encoded = encode_options({"budget": 0.35, "evs_rate": 0.3})
+    assert not encoded.is_floating_point()
+    assert decode_options(encoded) == {"budget": 0.35, "evs_rate": 0.3}
+    assert decode_options(encode_options({"enabled": False})) == {"enabled": False}
+    assert decode_options(encode_options(None)) is None

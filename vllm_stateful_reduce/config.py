@@ -3,20 +3,33 @@
     --additional-config '{"stateful_reduce": {"budget": 0.25, "schedule": "sigmoid"}}'
     mm_processor_kwargs={"stateful_reduce": {"budget": 0.5}}      # this request only
 
-Every field is validated strictly; an invalid value is a ValueError naming the field
-(HTTP 400 for a request), never a crash.
+Every field is validated strictly; an invalid value is a `ConfigError` (a ValueError)
+with one short message per bad field that names it, says what is allowed and shows
+(truncated) what was received, e.g. `stateful_reduce.budget must be in (0, 1], got 1.5`.
+A request gets it as HTTP 400 (see `vllm_compat.RequestError`), never a crash.
 """
 
-from collections.abc import Mapping
-from typing import Any, Literal
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, get_args, get_origin
 
+from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_KEY = "stateful_reduce"
 
 
+class ConfigError(ValueError):
+    """Invalid reduction settings. `fields` names the offending fields (empty when the
+    problem is the settings as a whole)."""
+
+    def __init__(self, message: str, fields: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.fields = tuple(fields)
+
+
 class ReductionConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
     enabled: bool = True
     budget: float = Field(0.25, gt=0.0, le=1.0)
@@ -87,10 +100,20 @@ class ReductionConfig(BaseModel):
         """This config with per-request `overrides` (only PER_REQUEST_FIELDS)."""
         if not overrides:
             return self
-        unknown = set(overrides) - PER_REQUEST_FIELDS
+        unknown = [_key(str(k)) for k in overrides if k not in PER_REQUEST_FIELDS]
         if unknown:
-            raise ValueError(
-                f"{CONFIG_KEY}: unknown per-request field(s) {sorted(unknown)}; allowed: {sorted(PER_REQUEST_FIELDS)}"
+            global_only = [k for k in unknown if k in ReductionConfig.model_fields]
+            names = ", ".join(f"{CONFIG_KEY}.{k}" for k in unknown[:_MAX_PROBLEMS]) + (
+                ", ..." if len(unknown) > _MAX_PROBLEMS else ""
+            )
+            if len(global_only) == len(unknown):
+                what = "cannot be set per request"
+            else:
+                what = "is not a per-request option" if len(unknown) == 1 else "are not per-request options"
+            raise ConfigError(
+                f"{names} {what} (per request: {', '.join(sorted(PER_REQUEST_FIELDS))}"
+                + ("; the others globally, with --additional-config)" if global_only else ")"),
+                unknown,
             )
         return parse(self.model_dump() | dict(overrides))
 
@@ -99,17 +122,124 @@ PER_REQUEST_FIELDS = {"enabled", "budget", "evs_rate"}
 
 
 def parse(raw: Mapping[str, Any] | None) -> ReductionConfig:
-    """Validate `raw`; errors become one ValueError that names each bad field."""
+    """Validate `raw`; errors become one ConfigError with a short message per bad field."""
     if raw is not None and not isinstance(raw, Mapping):
-        raise ValueError(f"{CONFIG_KEY}: expected an object, got {type(raw).__name__}")
+        raise ConfigError(f'{CONFIG_KEY} must be an object like {{"budget": 0.5}}, got {shown(raw)}')
     data = dict(raw or {})
-    if isinstance(data.get("budget"), int) and not isinstance(data.get("budget"), bool):
-        data["budget"] = float(data["budget"])  # JSON has no float/int distinction
+    for name in _FLOAT_FIELDS:  # JSON has no float/int distinction
+        if isinstance(data.get(name), int) and not isinstance(data.get(name), bool):
+            data[name] = float(data[name])
     try:
         return ReductionConfig(**data)
     except ValidationError as err:
-        details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"{CONFIG_KEY}: {details}") from None
+        raise _config_error(err, raw or {}) from None
+
+
+def request_overrides(options: object) -> dict | None:
+    """Per-request options (`mm_processor_kwargs["stateful_reduce"]`), validated;
+    ConfigError as `parse`."""
+    if options is None:
+        return None
+    if not isinstance(options, Mapping):
+        raise ConfigError(f'{CONFIG_KEY} must be an object like {{"budget": 0.5}}, got {shown(options)}')
+    overrides = dict(options)
+    ReductionConfig().with_overrides(overrides)
+    return overrides
+
+
+# ---------------------------------------------------------------- error messages
+
+_FLOAT_FIELDS = [n for n, f in ReductionConfig.model_fields.items() if f.annotation is float]
+_LIST_ALTERNATIVE = {"schedule": "a list of per-stage keep ratios", "boundaries": "a list of block indices"}
+_SHOWN_CHARS = 40
+_MAX_PROBLEMS = 3
+
+
+def shown(value: object, limit: int = _SHOWN_CHARS) -> str:
+    """`value` as JSON (repr if not JSON), cut to `limit` characters."""
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit]
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _key(key: str) -> str:
+    return key if len(key) <= _SHOWN_CHARS else key[: _SHOWN_CHARS - 3] + "..."
+
+
+def _join(messages: Iterable[str]) -> str:
+    messages = list(messages)
+    more = len(messages) - _MAX_PROBLEMS
+    return "; ".join(messages[:_MAX_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")
+
+
+def _range(metadata: list) -> str | None:
+    """`(0, 1]`, `[0, 1)`, `> 0`, `>= 1` from a field's bounds."""
+    lower = next((m for m in metadata if isinstance(m, (Gt, Ge))), None)
+    upper = next((m for m in metadata if isinstance(m, (Lt, Le))), None)
+    lo = None if lower is None else f"{lower.gt if isinstance(lower, Gt) else lower.ge:g}"
+    hi = None if upper is None else f"{upper.lt if isinstance(upper, Lt) else upper.le:g}"
+    if lo is not None and hi is not None:
+        return ("(" if isinstance(lower, Gt) else "[") + f"{lo}, {hi}" + (")" if isinstance(upper, Lt) else "]")
+    if lo is not None:
+        return f"{'>' if isinstance(lower, Gt) else '>='} {lo}"
+    if hi is not None:
+        return f"{'<' if isinstance(upper, Lt) else '<='} {hi}"
+    return None
+
+
+def _allowed(name: str, type_error: bool) -> str:
+    """What field `name` accepts, as the end of "must be ..."."""
+    field = ReductionConfig.model_fields[name]
+    annotation = field.annotation
+    if annotation is bool:
+        return "true or false"
+    if annotation in (int, float):
+        bounds = _range(field.metadata)
+        kind = "an integer" if annotation is int else "a number"
+        if bounds is None:
+            return kind
+        if bounds.startswith(("(", "[")):
+            return f"{kind} in {bounds}" if type_error else f"in {bounds}"
+        return f"{kind} {bounds}"
+    parts = (annotation,) if get_origin(annotation) is Literal else get_args(annotation)  # Literal or a union
+    literals = [a for part in parts if get_origin(part) is Literal for a in get_args(part)]
+    text = "one of " + ", ".join(json.dumps(a) for a in literals)
+    return f"{text} or {_LIST_ALTERNATIVE[name]}" if name in _LIST_ALTERNATIVE else text
+
+
+def _config_error(err: ValidationError, raw: Mapping[str, Any]) -> ConfigError:
+    """One short message per bad field (pydantic reports one error per union branch)."""
+    by_field: dict[str, list[dict]] = {}
+    whole: list[str] = []
+    for e in err.errors():
+        if e["loc"]:
+            by_field.setdefault(str(e["loc"][0]), []).append(e)
+        else:  # a model validator: the settings together
+            whole.append(f"{CONFIG_KEY}: {e['msg'].removeprefix('Value error, ')}")
+    messages = []
+    for name, errors in by_field.items():
+        if name not in ReductionConfig.model_fields:
+            continue
+        got = shown(raw.get(name))
+        custom = next((e for e in errors if e["type"] == "value_error"), None)
+        if custom is not None:  # a field validator's own words
+            text = custom["msg"].removeprefix("Value error, ")
+            messages.append(
+                f"{CONFIG_KEY}.{text}, got {got}" if text.startswith(f"{name} ") else f"{CONFIG_KEY}.{name}: {text}, got {got}"
+            )
+            continue
+        type_error = any(e["type"].endswith("_type") or e["type"] == "finite_number" for e in errors)
+        messages.append(f"{CONFIG_KEY}.{name} must be {_allowed(name, type_error)}, got {got}")
+    unknown = [_key(name) for name in by_field if name not in ReductionConfig.model_fields]
+    if unknown:
+        names = ", ".join(f"{CONFIG_KEY}.{n}" for n in unknown[:_MAX_PROBLEMS]) + (", ..." if len(unknown) > _MAX_PROBLEMS else "")
+        verb = "is not an option" if len(unknown) == 1 else "are not options"
+        messages.append(f"{names} {verb} (options: {', '.join(ReductionConfig.model_fields)})")
+    return ConfigError(_join(messages + whole), [_key(name) for name in by_field])
 
 
 def from_additional_config(additional_config: Mapping[str, Any] | None) -> ReductionConfig:

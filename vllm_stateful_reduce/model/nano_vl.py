@@ -22,18 +22,21 @@ from vllm.model_executor.models.interfaces import (
 from vllm.model_executor.models.nemotron_h import NemotronHForCausalLM
 from vllm.model_executor.models.radio import RadioModel
 from vllm.config import set_current_vllm_config
+from vllm.logger import init_logger
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 from vllm.tokenizers import cached_tokenizer_from_config
 
 from ..config import from_additional_config
+from ..log import describe
 from ..plan import VisualTokens
 from ..state import RequestInfo
 from .config import IMG_END, NemotronNanoVLConfig, radio_config_from
 from .reduced_stack import ReducibleNemotronHForCausalLM
 from .processing import NanoVLDummyInputsBuilder, NanoVLMultiModalProcessor, NanoVLProcessingInfo
 
+logger = init_logger(__name__)
 
 # RADIO checkpoints carry no layer scale; vLLM keeps these at `initializer_factor`.
 _VISION_PARAMS_NOT_IN_CHECKPOINT = (".ls1", ".ls2")
@@ -66,6 +69,7 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
         self.patch_size = config.patch_size
 
         self.reduction = from_additional_config(vllm_config.additional_config)  # checked at start-up
+        logger.info_once("stateful_reduce: %s", describe(self.reduction, config.text_config.hybrid_override_pattern), scope="local")
         tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
         visual_tokens = VisualTokens(
             context_token_id=config.img_context_token_id,

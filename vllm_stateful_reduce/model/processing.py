@@ -27,8 +27,9 @@ from vllm.multimodal.processing.processor import (
     PromptUpdateDetails,
 )
 
-from ..config import CONFIG_KEY, ReductionConfig
+from ..config import CONFIG_KEY
 from ..media import video_metadata
+from ..vllm_compat import check_request_options
 from .config import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER, NemotronNanoVLConfig
 
 
@@ -39,17 +40,18 @@ OPTION_NAMES = ("enabled", "budget", "evs_rate")
 
 
 def encode_options(options: object) -> torch.Tensor:
-    """Validate `mm_processor_kwargs["stateful_reduce"]` (ValueError names the field)."""
-    if options is not None and not isinstance(options, Mapping):
-        raise ValueError(f"{CONFIG_KEY}: expected an object like {{\"budget\": 0.5}}, got {type(options).__name__}")
-    overrides = dict(options) if options is not None else None
-    ReductionConfig().with_overrides(overrides)  # raises ValueError on bad input
-    overrides = overrides or {}
-    return torch.tensor([float("nan") if overrides.get(k) is None else float(overrides[k]) for k in OPTION_NAMES])
+    """Validate `mm_processor_kwargs["stateful_reduce"]` (RequestError, a ValueError,
+    names the field). The float64 values travel as their int64 bit patterns: vLLM casts
+    floating-point multimodal fields to the model's dtype (bf16 would turn a budget of
+    0.35 into 0.3496)."""
+    overrides = check_request_options(options) or {}
+    values = [float("nan") if overrides.get(k) is None else float(overrides[k]) for k in OPTION_NAMES]
+    return torch.tensor(values, dtype=torch.float64).view(torch.int64)
 
 
 def decode_options(encoded: torch.Tensor) -> dict | None:
-    out = {k: v for k, v in zip(OPTION_NAMES, encoded.flatten().tolist()) if v == v}  # drop NaN
+    values = encoded.flatten().view(torch.float64).tolist()
+    out = {k: v for k, v in zip(OPTION_NAMES, values) if v == v}  # drop NaN
     if "enabled" in out:
         out["enabled"] = bool(out["enabled"])
     return out or None
@@ -209,6 +211,13 @@ class NanoVLDummyInputsBuilder(BaseDummyInputsBuilder[NanoVLProcessingInfo]):
 
 
 class NanoVLMultiModalProcessor(BaseMultiModalProcessor[NanoVLProcessingInfo]):
+    def apply(self, inputs, timing_ctx):
+        # Check the reduction options first: whatever the preprocessor's __call__ raises,
+        # vLLM re-raises with the decoded media in the message (see vllm_compat).
+        merged = self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs)
+        check_request_options(merged.get(CONFIG_KEY))
+        return super().apply(inputs, timing_ctx)
+
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:

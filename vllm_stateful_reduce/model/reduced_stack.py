@@ -32,6 +32,7 @@ from vllm.multimodal.video_prune.evs import compute_retention_mask
 
 from .. import metadata as md
 from .. import scoring
+from ..log import ReasonRateLimit, local_first_rank
 from ..config import ReductionConfig, from_additional_config
 from ..plan import DevicePlan, StepPlan, VisualTokens, plan_step
 from ..schedule import SCORING_KINDS, Schedule, boundary_blocks, build_schedule
@@ -57,6 +58,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         self.boundaries = boundary_blocks(self.pattern, global_config)  # engine-wide
         self.timing = global_config.timing
         self.state = ReductionState()
+        self._unreduced_lines = ReasonRateLimit()
         self.batch_requests: list[RequestInfo] = []
         self._builders: dict[type, object] = {}
         self._schedules: dict[str, Schedule] = {}  # by config; a schedule is a bisection
@@ -99,8 +101,12 @@ class ReducibleNemotronHModel(NemotronHModel):
         for req_id, dropped in plan.dropped.items():
             self.state.record(req_id, dropped)
         for skip in plan.skipped:
-            self.state.count_skip(skip.reason.split(":")[0])
-            logger.info("request %s served unreduced: %s", skip.req_id, skip.reason)
+            reason = skip.reason.split(":")[0]
+            self.state.count_skip(reason)
+            held = self._unreduced_lines.passes(reason) if local_first_rank() else None
+            if held is not None:
+                more = f" ({held} more for this reason since the last line)" if held else ""
+                logger.info("request %s served unreduced: %s%s", skip.req_id, skip.reason, more)
 
     def _reduced_forward(self, plan: StepPlan, timer: PhaseTimer, input_ids, positions, inputs_embeds) -> torch.Tensor:
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
