@@ -177,3 +177,19 @@ def test_evs_before_the_llm_then_ours_matches_reference(llm, reference, hf_confi
     assert len(ours[0]) == len(visual) // 2  # int(N * (1 - 0.5)) enter the LLM
     static = set(visual[8 * 4 + 4 : 12 * 4])  # tokens of frames 9-12 (1-based), identical to their predecessor
     assert not static & set(ours[0])
+
+
+@pytest.mark.parametrize("frames,options", [(16, {"evs_rate": 0.5, "budget": 1.0}), (6, {"budget": 0.25})], ids=["evs-alone", "floor"])
+def test_boundaries_without_drops_match_reference(llm, reference, hf_config, frames, options) -> None:
+    """A boundary where no request drops anything (EVS alone keeps all that enters; the
+    min_keep floor flattens the tail of a short video) skips its selection and its
+    stage's scoring: same tokens and kept positions as the reference."""
+    video = random_video(frames, seed=8)
+    out = llm.generate([request(video, options=options)], params())[0]
+    ours = kept_of(engine_state(llm), out.request_id)
+    pixels = [frames_to_pixel_values(video, hf_config.force_image_size, hf_config.norm_mean, hf_config.norm_std)]
+    tokens, _, kept = reference.greedy(out.prompt_token_ids, pixels, parse(GLOBAL).with_overrides(options), DECODE_TOKENS)
+    assert list(out.outputs[0].token_ids) == tokens
+    assert ours == [k.tolist() for k in kept]
+    counts = [len(k) for k in ours]
+    assert any(a == b for a, b in zip(counts, counts[1:])), counts  # the path under test

@@ -41,3 +41,55 @@ def test_padded_rows_normalise_like_each_request_alone() -> None:
             else:
                 want = (row - row.mean()) / row.std() if n > 1 else torch.zeros(n)
             torch.testing.assert_close(out[r, :n], want, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_score_reference_is_the_formula() -> None:
+    """The reference kernel against the definition written out per query row and head:
+    two requests, GQA, causal question rows at the end, padding."""
+    from vllm_stateful_reduce.kernels.reference import Varlen, attention_scores
+
+    g = torch.Generator().manual_seed(2)
+    hq, hk, d = 6, 2, 8
+    lengths, questions = [23, 9], [4, 3]
+    k = torch.randn(sum(lengths) + 5, hk, d, generator=g)  # 5 rows of another request between
+    starts = [0, lengths[0] + 5]
+    q = torch.randn(sum(questions), hq, d, generator=g)
+    v_rows = torch.tensor([[1, 5, 7, 18, -1], [starts[1] + 0, starts[1] + 2, starts[1] + 4, -1, -1]])
+    out = attention_scores(q, k, Varlen.of([0, 4], questions), Varlen.of(starts, lengths), v_rows, 0.3)
+    for r in range(2):
+        per_key = torch.zeros(lengths[r])
+        for t in range(questions[r]):
+            last = lengths[r] - questions[r] + t
+            for h in range(hq):
+                logits = k[starts[r] : starts[r] + last + 1, h // (hq // hk)] @ q[sum(questions[:r]) + t, h] * 0.3
+                per_key[: last + 1] += torch.softmax(logits, 0)
+        per_key /= questions[r] * hq
+        for j, row in enumerate(v_rows[r].tolist()):
+            want = per_key[row - starts[r]] if row >= 0 else torch.tensor(0.0)
+            torch.testing.assert_close(out[r, j], want, atol=1e-7, rtol=1e-5)
+
+
+def test_mamba_b_by_segment_conv_equals_the_window_conv() -> None:
+    """B at the visual rows two ways: the whole-segment shifted conv (the hot path) and
+    the conv window of each row; three requests packed with other rows between."""
+    import types
+
+    from vllm_stateful_reduce.kernels.reference import Varlen
+    from vllm_stateful_reduce.scoring import _segments_b, mamba_bc_dt
+
+    g = torch.Generator().manual_seed(3)
+    inner, groups, n, heads, taps = 12, 2, 4, 3, 4
+    conv = inner + 2 * groups * n
+    mixer = types.SimpleNamespace(
+        tped_intermediate_size=inner, groups_ssm_state_size=groups * n, tp_size=1, tped_conv_size=conv, n_groups=groups,
+        conv1d=types.SimpleNamespace(weight=torch.randn(conv, 1, taps, generator=g), bias=torch.randn(conv, generator=g)),
+        dt_bias=torch.randn(heads, generator=g),
+    )  # fmt: skip
+    projected = torch.randn(60, 2 * inner + 2 * groups * n + heads, generator=g)
+    starts, lengths = [2, 20, 41], [15, 9, 19]
+    visual = torch.tensor([[2, 3, 4, 10, 16], [20, 22, 28, -1, -1], [41, 45, 50, 58, 59]])
+    b = _segments_b(projected, mixer, Varlen.of(starts, lengths), visual)
+    first = torch.tensor(starts)[:, None].expand_as(visual)
+    window, _, _ = mamba_bc_dt(projected, mixer, visual.clamp_min(0), first)
+    valid = visual >= 0
+    torch.testing.assert_close(b[valid], window[valid], atol=1e-6, rtol=1e-5)

@@ -68,42 +68,74 @@ def mamba_block_scores(
     block's in_proj output of the stage's packed batch."""
     if decay:
         return tp_all_reduce(_decayed_scores(projected, mixer, query_rows, queries, keys, visual_rows, use_dt))
-    first_row = keys.device[0].long()  # (R,) first row of each request
     width, num_visual = visual_rows.shape
-    b, _, dt = mamba_bc_dt(projected, mixer, visual_rows.clamp_min(0), first_row[:, None].expand(-1, num_visual), need="b")
-    _, c, _ = mamba_bc_dt(projected, mixer, query_rows, _segment_of(first_row, queries), need="c")
+    first_row = keys.device[0].long()  # (R,) first row of each request
+    b = _segments_b(projected, mixer, keys, visual_rows)  # (R, V, G, N)
+    c = _conv_channels_at(projected, mixer, "c", query_rows, _segment_of(first_row, queries))  # (T, G, N)
     flat = b.flatten(0, 1)  # (R*V, G, N): scored rows packed request by request
     rows = torch.arange(width * num_visual, device=b.device).view(width, num_visual).masked_fill(visual_rows < 0, -1)
     weight = None
-    if use_dt:
-        groups = b.shape[-2]
-        weight = dt.flatten(0, 1).view(width * num_visual, groups, -1).sum(-1)
+    if use_dt:  # per group: the summed dt of its heads
+        dt = mamba_dt(projected, mixer, visual_rows.clamp_min(0).flatten())  # (R*V, H)
+        weight = dt.view(width * num_visual, b.shape[-2], -1).sum(-1)
     return tp_all_reduce(kernels_for(projected).mamba_scores(c, flat, weight, queries, rows))
 
 
-def mamba_bc_dt(
-    projected: torch.Tensor, mixer, rows: torch.Tensor, first_row: torch.Tensor, need: str = "bc"
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+def mamba_bc_dt(projected: torch.Tensor, mixer, rows: torch.Tensor, first_row: torch.Tensor):
     """B, C (..., G, N) after conv1d + SiLU and dt (..., H) after softplus at `rows` of
     the packed in_proj output, each row's conv window starting at `first_row` (its
     request's first row: a fresh prefill starts from a zero conv state)."""
-    inner, groups_n = mixer.tped_intermediate_size, mixer.groups_ssm_state_size // mixer.tp_size
-    conv = mixer.tped_conv_size
-    groups = mixer.n_groups // mixer.tp_size  # the model refuses TP sizes that do not divide n_groups
-    weight = mixer.conv1d.weight.reshape(conv, -1)
-    bias = mixer.conv1d.bias
-    b = c = None
-    for name, channels in (("b", slice(conv - 2 * groups_n, conv - groups_n)), ("c", slice(conv - groups_n, conv))):
-        if name in need:
-            xc = projected[:, inner : inner + conv][:, channels]
-            out = _causal_conv_silu_at(xc, weight[channels], bias[channels] if bias is not None else None, rows, first_row)
-            if name == "b":
-                b = out.view(*rows.shape, groups, -1)
-            else:
-                c = out.view(*rows.shape, groups, -1)
-    dt_raw = projected[:, inner + conv :].index_select(0, rows.flatten()).view(*rows.shape, -1)
-    dt = F.softplus(dt_raw.float() + mixer.dt_bias.float())
-    return b, c, dt
+    b = _conv_channels_at(projected, mixer, "b", rows, first_row)
+    c = _conv_channels_at(projected, mixer, "c", rows, first_row)
+    return b, c, mamba_dt(projected, mixer, rows.flatten()).view(*rows.shape, -1)
+
+
+def mamba_dt(projected: torch.Tensor, mixer, rows: torch.Tensor) -> torch.Tensor:
+    """(rows, H) float32 step sizes softplus(dt + dt_bias) at `rows`."""
+    inner, conv = mixer.tped_intermediate_size, mixer.tped_conv_size
+    return F.softplus(projected[:, inner + conv :].index_select(0, rows).float() + mixer.dt_bias.float())
+
+
+def _conv_inputs(projected: torch.Tensor, mixer, which: str):
+    """(x (L, C), weight (C, W), bias (C,) or None) of the B or C channels of the conv."""
+    inner, conv, groups_n = mixer.tped_intermediate_size, mixer.tped_conv_size, mixer.groups_ssm_state_size // mixer.tp_size
+    channels = slice(conv - 2 * groups_n, conv - groups_n) if which == "b" else slice(conv - groups_n, conv)
+    bias = mixer.conv1d.bias[channels] if mixer.conv1d.bias is not None else None
+    return projected[:, inner : inner + conv][:, channels], mixer.conv1d.weight.reshape(conv, -1)[channels], bias
+
+
+def _groups(mixer) -> int:
+    return mixer.n_groups // mixer.tp_size  # the model refuses TP sizes that do not divide n_groups
+
+
+def _conv_channels_at(projected: torch.Tensor, mixer, which: str, rows: torch.Tensor, first_row: torch.Tensor) -> torch.Tensor:
+    """B or C (..., G, N) at a few `rows` (the question rows), window by window."""
+    x, weight, bias = _conv_inputs(projected, mixer, which)
+    return _causal_conv_silu_at(x, weight, bias, rows, first_row).view(*rows.shape, _groups(mixer), -1)
+
+
+def _segments_b(projected: torch.Tensor, mixer, keys: Varlen, visual_rows: torch.Tensor) -> torch.Tensor:
+    """B (R, V, G, N) at the visual rows, by the conv over each request's whole segment:
+    segments are copied apart with W-1 zero rows before each (a fresh prefill's conv
+    state), then the W taps are W shifted multiply-adds over contiguous rows."""
+    x, weight, bias = _conv_inputs(projected, mixer, "b")
+    taps, (width, num_visual) = weight.shape[-1], visual_rows.shape
+    gap, total, device = taps - 1, sum(keys.lengths), x.device
+    starts, lengths = keys.device[0].long(), keys.device[1].long()
+    request = torch.repeat_interleave(torch.arange(width, device=device), lengths, output_size=total)
+    first = torch.cumsum(lengths, 0) - lengths  # packed offset of each segment
+    padded_first = first + gap * torch.arange(1, width + 1, device=device)  # after its zero rows
+    within = torch.arange(total, device=device) - first[request]
+    padded = x.new_zeros((total + gap * width, x.shape[-1]), dtype=torch.float32)
+    padded[padded_first[request] + within] = x.index_select(0, starts[request] + within).float()
+    w = weight.float()
+    out = padded[: total + gap * (width - 1)] * w[:, 0]  # out[i] is the conv at padded row i + gap
+    for k in range(1, taps):
+        out.addcmul_(padded[k : k + len(out)], w[:, k])
+    at = (visual_rows - starts[:, None] + padded_first[:, None] - gap).clamp_min(0)
+    b = out.index_select(0, at.flatten())
+    b = F.silu(b + bias.float() if bias is not None else b)
+    return b.view(width, num_visual, _groups(mixer), -1)
 
 
 def _causal_conv_silu_at(
@@ -111,15 +143,14 @@ def _causal_conv_silu_at(
 ) -> torch.Tensor:
     """silu(sum_k weight[:, k] * x[row - (W-1-k)] + bias) at each of `rows`, taps before
     `first_row` reading zeros: the depthwise causal conv1d of the scan, row by row.
-    x: (L, C); weight: (C, W); rows, first_row: same shape (...); returns (..., C) float32."""
+    x: (L, C); weight: (C, W); rows, first_row: same shape (...); returns (..., C) float32.
+    One gather of each row's window, one masked multiply-add (memory-bound: few passes)."""
     taps = weight.shape[-1]
-    out = bias.float().expand(*rows.shape, -1).clone() if bias is not None else None
-    for k in range(taps):
-        src = rows - (taps - 1 - k)
-        value = x.index_select(0, src.clamp_min(0).flatten()).view(*rows.shape, -1).float()
-        term = value.masked_fill((src < first_row)[..., None], 0.0) * weight[:, k].float()
-        out = term if out is None else out + term
-    return F.silu(out)
+    source = rows[..., None] - torch.arange(taps - 1, -1, -1, device=rows.device)  # (..., W)
+    window = x.index_select(0, source.clamp_min(0).flatten()).view(*source.shape, x.shape[-1])  # (..., W, C)
+    window = window.masked_fill((source < first_row[..., None])[..., None], 0)
+    out = (window * weight.float().T).sum(-2)  # (..., C) float32
+    return F.silu(out + bias.float() if bias is not None else out)
 
 
 def _segment_of(first_row: torch.Tensor, queries: Varlen) -> torch.Tensor:

@@ -27,6 +27,9 @@ class Kept:
     def with_scores(self, added: torch.Tensor) -> "Kept":
         return Kept(self.rows, self.positions, self.scores + added)
 
+    def restarted(self) -> "Kept":
+        return Kept(self.rows, self.positions, torch.zeros_like(self.scores))
+
 
 def top_k(scores: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor, k_max: int) -> torch.Tensor:
     """(R, k_max) indices of each row's `counts[r]` best valid scores, ascending (prompt

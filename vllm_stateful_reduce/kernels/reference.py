@@ -49,17 +49,21 @@ def attention_scores(
     Only T_r x L_r logits per request and head: never L x L.
     """
     out = torch.zeros(v_rows.shape, dtype=torch.float32, device=q.device)
-    hq, hk = q.shape[1], k.shape[1]
+    hq, hk, d = q.shape[1], k.shape[1], q.shape[2]
+    group = hq // hk
     for r, (q0, nq, k0, nk) in enumerate(zip(queries.starts, queries.lengths, keys.starts, keys.lengths)):
         if nq == 0:
             continue
-        qr = q[q0 : q0 + nq].float()
-        kr = k[k0 : k0 + nk].float().repeat_interleave(hq // hk, dim=1)  # (L_r, Hq, d)
-        logits = torch.einsum("thd,shd->hts", qr, kr) * scale
-        q_pos = torch.arange(nk - nq, nk, device=q.device)
-        visible = torch.arange(nk, device=q.device)[None, :] <= q_pos[:, None]
-        probs = torch.softmax(logits.masked_fill(~visible[None], float("-inf")), dim=-1)
-        per_key = probs.sum(dim=(0, 1)) / (nq * hq)  # (L_r,)
+        # 1. logits per KV head for its group of query heads: (Hk, T*group, L_r)
+        qr = q[q0 : q0 + nq].float().view(nq, hk, group, d).transpose(0, 1).reshape(hk, nq * group, d)
+        kr = k[k0 : k0 + nk].float().permute(1, 2, 0)  # (Hk, d, L_r)
+        logits = torch.bmm(qr, kr) * scale
+        # 2. causal: query t sees keys 0..L_r - T + t, so only the last T columns can be hidden
+        t = torch.arange(nq, device=q.device).repeat_interleave(group)  # query of each row
+        hidden = torch.arange(nq, device=q.device)[None, :] > t[:, None]  # (T*group, T)
+        logits[..., nk - nq :].masked_fill_(hidden, float("-inf"))
+        # 3. softmax over keys, summed over query rows and heads
+        per_key = torch.softmax(logits, dim=-1).sum(dim=(0, 1)) / (nq * hq)  # (L_r,)
         cols = v_rows[r]
         valid = cols >= 0
         out[r] = torch.where(valid, per_key[(cols - k0).clamp(0, nk - 1)], 0.0)

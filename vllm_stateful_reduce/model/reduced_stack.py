@@ -130,9 +130,10 @@ class ReducibleNemotronHModel(NemotronHModel):
             history = [kept.positions]
         self._install(stages[0])
         config = plan.reducing[0].config if plan.reducing else None  # scoring choices are engine-wide
+        scored_stages = self._scored_stages(plan, config) if config is not None else set()
         stage = 0
         for b, layer in enumerate(self.layers):
-            if config is not None and stage < len(self.boundaries) and self._scores_block(b, config):
+            if stage in scored_stages and self._scores_block(b, config):
                 hidden, residual, projected = layer.forward_scored(hidden, residual)
                 with timer.phase("scoring"):
                     kept = kept.with_scores(self._block_scores(layer, projected, device_plan, stage, kept, config))
@@ -140,7 +141,7 @@ class ReducibleNemotronHModel(NemotronHModel):
                 hidden, residual = layer(positions=positions, hidden_states=hidden, residual=residual)
             if stage < len(self.boundaries) and b == self.boundaries[stage]:
                 stage += 1
-                if plan.reducing:
+                if plan.reducing and self._drops_at(plan, stage):
                     with timer.phase("selection"):
                         num_rows = int(plan.rows[stage - 1].sum())
                         ranking = self._ranking(plan, kept, stage) if config.selection == "random" else kept.scores
@@ -148,6 +149,9 @@ class ReducibleNemotronHModel(NemotronHModel):
                     with timer.phase("compaction"):
                         hidden, residual = self._gather(hidden, index), self._gather(residual, index)
                         orig_rows = orig_rows[index]
+                elif plan.reducing and self._stage_scores(stage, config):
+                    kept = kept.restarted()  # the next stage selects with its own scores
+                if plan.reducing:
                     history.append(kept.positions)
                 self._install(stages[stage])
         hidden, _ = self.norm_f(hidden, residual)
@@ -174,6 +178,22 @@ class ReducibleNemotronHModel(NemotronHModel):
         """Whether any block of stage `stage` contributes scores."""
         edges = [-1, *self.boundaries, len(self.pattern) - 1]
         return any(self._scores_block(b, config) for b in range(edges[stage] + 1, edges[stage + 1] + 1))
+
+    @staticmethod
+    def _drops_at(plan: StepPlan, stage: int) -> bool:
+        """Whether any reducing request keeps fewer visual tokens in `stage` than before."""
+        return any(r.keep[stage] < r.keep[stage - 1] for r in plan.reducing)
+
+    def _scored_stages(self, plan: StepPlan, config: ReductionConfig) -> set[int]:
+        """Stages whose scores some selection uses: a stage that ends with a drop, and a
+        stage whose scores a following stage without scoring blocks carries to its own
+        drop. (EVS alone, or a budget that keeps everything after EVS, scores nothing.)"""
+        needed, carried = set(), False
+        for stage in reversed(range(len(self.boundaries))):
+            if self._drops_at(plan, stage + 1) or carried:
+                needed.add(stage)
+            carried = stage in needed and not self._stage_scores(stage, config)
+        return needed
 
     def _block_scores(self, layer, projected, device_plan: DevicePlan, stage: int, kept: Kept, config: ReductionConfig):
         args = (device_plan.query_rows[stage], device_plan.queries, device_plan.keys[stage], kept.rows)
