@@ -162,17 +162,22 @@ def test_abort_leaves_no_state(llm) -> None:
     assert not any(k.startswith("to_abort") for k in dropped())
 
 
+def served_like_reference(llm, reference, hf_config, video: np.ndarray, options: dict):
+    """Serve one video request; assert the reference's greedy tokens and kept positions."""
+    out = llm.generate([request(video, options=options)], params())[0]
+    ours = kept_of(engine_state(llm), out.request_id)
+    pixels = [frames_to_pixel_values(video, hf_config.force_image_size, hf_config.norm_mean, hf_config.norm_std)]
+    tokens, _, kept = reference.greedy(out.prompt_token_ids, pixels, parse(GLOBAL).with_overrides(options), DECODE_TOKENS)
+    assert list(out.outputs[0].token_ids) == tokens
+    assert ours == [k.tolist() for k in kept]
+    return out, ours
+
+
 def test_evs_before_the_llm_then_ours_matches_reference(llm, reference, hf_config) -> None:
     """EVS-style pruning of the input embeddings (per request), then the in-LLM schedule."""
     video = random_video(16, seed=7)
     video[8:12] = video[7]  # four static frames: EVS should drop their tokens first
-    options = {"evs_rate": 0.5, "budget": 0.5}
-    out = llm.generate([request(video, options=options)], params())[0]
-    ours = kept_of(engine_state(llm), out.request_id)
-    pixels = [frames_to_pixel_values(video, hf_config.force_image_size, hf_config.norm_mean, hf_config.norm_std)]
-    tokens, logprobs, kept = reference.greedy(out.prompt_token_ids, pixels, parse(GLOBAL).with_overrides(options), DECODE_TOKENS)
-    assert list(out.outputs[0].token_ids) == tokens
-    assert ours == [k.tolist() for k in kept]
+    out, ours = served_like_reference(llm, reference, hf_config, video, {"evs_rate": 0.5, "budget": 0.5})
     visual = [i for i, t in enumerate(out.prompt_token_ids) if t == reference.image_context_id]
     assert len(ours[0]) == len(visual) // 2  # int(N * (1 - 0.5)) enter the LLM
     static = set(visual[8 * 4 + 4 : 12 * 4])  # tokens of frames 9-12 (1-based), identical to their predecessor
@@ -184,12 +189,6 @@ def test_boundaries_without_drops_match_reference(llm, reference, hf_config, fra
     """A boundary where no request drops anything (EVS alone keeps all that enters; the
     min_keep floor flattens the tail of a short video) skips its selection and its
     stage's scoring: same tokens and kept positions as the reference."""
-    video = random_video(frames, seed=8)
-    out = llm.generate([request(video, options=options)], params())[0]
-    ours = kept_of(engine_state(llm), out.request_id)
-    pixels = [frames_to_pixel_values(video, hf_config.force_image_size, hf_config.norm_mean, hf_config.norm_std)]
-    tokens, _, kept = reference.greedy(out.prompt_token_ids, pixels, parse(GLOBAL).with_overrides(options), DECODE_TOKENS)
-    assert list(out.outputs[0].token_ids) == tokens
-    assert ours == [k.tolist() for k in kept]
+    _, ours = served_like_reference(llm, reference, hf_config, random_video(frames, seed=8), options)
     counts = [len(k) for k in ours]
     assert any(a == b for a, b in zip(counts, counts[1:])), counts  # the path under test
