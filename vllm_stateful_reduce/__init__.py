@@ -14,20 +14,28 @@ _registered = False
 def register() -> None:
     """Register the architecture, its config hook, the HF config class, the runner
     glue that tells the model who is in the batch, the front end's check of per-request
-    options, and the plugin's logging under vLLM's. Idempotent."""
+    options, the `--plugin stateful-reduce` flag of `vllm serve`, and the plugin's
+    logging under vLLM's. Idempotent."""
     global _registered
     if _registered:
         return
     from vllm import ModelRegistry
 
     from . import log
-    from .vllm_compat import install_config_hook, install_request_option_check, install_runner_glue, register_hf_config
+    from .vllm_compat import (
+        install_config_hook,
+        install_plugin_flag,
+        install_request_option_check,
+        install_runner_glue,
+        register_hf_config,
+    )
 
     log.route_to_vllm()
     register_hf_config()
     install_config_hook(ARCHITECTURE)
     install_runner_glue()
     install_request_option_check()
+    install_plugin_flag()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(
             ARCHITECTURE, "vllm_stateful_reduce.model.nano_vl:NemotronNanoVLStatefulReduce"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,16 +35,32 @@ def serve_command(model: str | Path, port: int, max_model_len: int = 4096, extra
     ]  # fmt: skip
 
 
+def plugin_flag_command(model: str | Path, port: int, extra: Sequence[str] = ()) -> list[str]:
+    """The short form, `vllm serve --model M --plugin stateful-reduce` (via the package's CLI
+    shim): the flag selects the architecture and sets the engine settings itself."""
+    return [
+        sys.executable, "-m", "vllm_stateful_reduce", "serve", "--model", str(model), "--plugin", "stateful-reduce",
+        "--host", "127.0.0.1", "--port", str(port), *extra,
+    ]  # fmt: skip
+
+
 @contextmanager
 def running_server(
-    model: str | Path, *, log_path: Path, max_model_len: int = 4096, extra: Sequence[str] = (), timeout: float = 240
+    model: str | Path,
+    *,
+    log_path: Path,
+    max_model_len: int = 4096,
+    extra: Sequence[str] = (),
+    timeout: float = 240,
+    command: Callable[[int], list[str]] | None = None,
 ) -> Iterator[str]:
-    """Yield the base URL of a healthy server; stop it (and its engine) on exit."""
+    """Yield the base URL of a healthy server; stop it (and its engine) on exit.
+    `command(port)`, if given, replaces `serve_command(model, port, max_model_len, extra)`."""
     port = free_port()
     env = {**os.environ, "VLLM_PLUGINS": os.environ.get("VLLM_PLUGINS", "stateful_reduce")}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            serve_command(model, port, max_model_len, extra), stdout=log, stderr=subprocess.STDOUT, env=env,
+            command(port) if command else serve_command(model, port, max_model_len, extra), stdout=log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
