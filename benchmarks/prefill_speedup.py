@@ -176,19 +176,15 @@ def stats(values: list[float]) -> dict:
 
 
 class Timers:
-    """The plugin's per-forward timers in the worker (None figures when the plugin
-    has no `timing` option)."""
+    """The plugin's per-forward timers in the worker (`timing: true`)."""
 
-    def __init__(self, llm, available: bool) -> None:
-        self.llm, self.available = llm, available
+    def __init__(self, llm) -> None:
+        self.llm = llm
 
     def clear(self) -> None:
-        if self.available:
-            self.llm.collective_rpc(lambda w: w.model_runner.model.reduction_state.timings.clear())
+        self.llm.collective_rpc(lambda w: w.model_runner.model.reduction_state.timings.clear())
 
     def read(self) -> list[dict]:
-        if not self.available:
-            return []
         return self.llm.collective_rpc(lambda w: list(w.model_runner.model.reduction_state.timings))[0]
 
 
@@ -544,22 +540,19 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from vllm_stateful_reduce import REQUIRED_ENGINE_ARGS
-    from vllm_stateful_reduce.config import ReductionConfig
     from vllm_stateful_reduce.model.config import IMG_CONTEXT, IMG_END
 
-    timing = "timing" in ReductionConfig.model_fields
     common = {"dtype": "bfloat16", "max_model_len": max_model_len, "max_num_batched_tokens": batched,
               "max_num_seqs": max(8, sizes["batch_size"]), "seed": 0, "disable_log_stats": False, **REQUIRED_ENGINE_ARGS}  # fmt: skip
-    plugin_args = common | {"limit_mm_per_prompt": {"video": 1}, "mm_processor_cache_gb": 0}
-    if timing:
-        plugin_args["additional_config"] = {"stateful_reduce": {"timing": True}}
+    plugin_args = common | {"limit_mm_per_prompt": {"video": 1}, "mm_processor_cache_gb": 0,
+                            "additional_config": {"stateful_reduce": {"timing": True}}}  # fmt: skip
     print(f"checkpoint {checkpoint} ({dims.hidden} wide, {len(dims.pattern)} blocks); sizes {sizes}; "
-          f"max_model_len {max_model_len}, max_num_batched_tokens {batched}, KV cache {os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB; "
-          f"plugin timers: {'on' if timing else 'not available in this plugin version'}", flush=True)  # fmt: skip
+          f"max_model_len {max_model_len}, max_num_batched_tokens {batched}, KV cache {os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB",
+          flush=True)  # fmt: skip
     engine_start = time.monotonic()
     llm = LLM(str(checkpoint), **plugin_args)
     engine_seconds = time.monotonic() - engine_start
-    timers = Timers(llm, timing)
+    timers = Timers(llm)
     tokenizer = llm.get_tokenizer()
     visual_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
     end_length = len(tokenizer.encode(IMG_END, add_special_tokens=False))
@@ -574,7 +567,7 @@ def main() -> None:
     report = {
         "settings": {"sizes": sizes, "checkpoint": str(checkpoint), "spec": asdict(SPEC), "dims": dims.as_dict(),
                      "engine_args": plugin_args, "kv_cache_gib": int(os.environ["VLLM_CPU_KVCACHE_SPACE"]),
-                     "timers": timing, "engine_start_seconds": engine_seconds, "question": QUESTION},
+                     "timers": True, "engine_start_seconds": engine_seconds, "question": QUESTION},
         "configs": configs,
         "prefill": {str(l): {"prompt": asdict(prompts[l]), "configs": summarise_length(raw[l], prompts[l], dims, configs)}
                     for l in sizes["lengths"]},
