@@ -20,7 +20,6 @@ each reason once per process lifetime.
 """
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
@@ -43,17 +42,15 @@ class ReasonRateLimit:
         self.interval = interval
         self.clock = clock
         self._last: dict[str, tuple[float, int]] = {}  # reason -> (time let through, held back since)
-        self._lock = threading.Lock()
 
     def passes(self, reason: str) -> int | None:
         """None: hold this line back; else how many of this reason were held back before it."""
         now = self.clock()
-        with self._lock:
-            last, held = self._last.get(reason, (None, 0))
-            if last is not None and now - last < self.interval:
-                self._last[reason] = (last, held + 1)
-                return None
-            self._last[reason] = (now, 0)
+        last, held = self._last.get(reason, (None, 0))
+        if last is not None and now - last < self.interval:
+            self._last[reason] = (last, held + 1)
+            return None
+        self._last[reason] = (now, 0)
         return held
 
 

@@ -59,7 +59,7 @@ def attention_metadata(builder, meta, plan: StepPlan, device_plan: DevicePlan, s
     query_lens, seq_lens = plan.rows[stage], plan.seq_lens[stage]
     common = CommonAttentionMetadata(
         query_start_loc=device_plan.query_start_loc[stage],
-        query_start_loc_cpu=torch.from_numpy(np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)),
+        query_start_loc_cpu=torch.from_numpy(plan.query_start_loc(stage).astype(np.int32)),
         seq_lens=device_plan.seq_lens[stage],
         num_reqs=len(query_lens),
         num_actual_tokens=int(query_lens.sum()),
@@ -80,7 +80,7 @@ def mamba_metadata(meta, plan: StepPlan, device_plan: DevicePlan, stage: int):
     from vllm.utils.torch_utils import async_tensor_h2d
 
     decodes = meta.num_decodes
-    qsl = np.concatenate([[0], np.cumsum(plan.rows[stage])])
+    qsl = plan.query_start_loc(stage)
     qsl_p = qsl[decodes:] - qsl[decodes]
     # host arrays: vLLM's helper reads them row by row
     cu_chunk, seq_idx, last_chunk, _ = BaseMambaAttentionMetadataBuilder._compute_chunk_metadata(

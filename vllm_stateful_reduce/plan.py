@@ -84,9 +84,9 @@ class StepPlan:
         """Whether stage `stage`'s layout differs from what the runner scheduled."""
         return bool((self.rows[stage] != self.scheduled).any() or (self.num_computed[stage] != self.computed).any())
 
-    def starts(self, stage: int) -> np.ndarray:
-        """First row of each request in the stage's packed batch."""
-        return _exclusive_cumsum(self.rows[stage])
+    def query_start_loc(self, stage: int) -> np.ndarray:
+        """(R+1,) where each request's rows start in the stage's packed batch, and the total."""
+        return np.concatenate([[0], np.cumsum(self.rows[stage])]).astype(np.int64)
 
     def upload(self, device: torch.device) -> "DevicePlan":
         return DevicePlan.of(self, device)
@@ -116,17 +116,16 @@ class DevicePlan:
         for name, array in host.items():
             views[name] = data[offset : offset + array.size].view(array.shape)
             offset += array.size
-        stages, red = plan.num_stages, len(plan.reducing)
-        q_lens = [r.num_query for r in plan.reducing]
-        q_starts = _exclusive_cumsum(np.array(q_lens, dtype=np.int64)).tolist()
+        stages = plan.num_stages
+
+        def varlen(name: str) -> Varlen:
+            return Varlen(tuple(host[name][0].tolist()), tuple(host[name][1].tolist()), views[name].int())
+
         return cls(
             query_start_loc=[views[f"qsl{j}"].int() for j in range(stages)],
             seq_lens=[views[f"seq{j}"].int() for j in range(stages)],
-            keys=[
-                Varlen(tuple(host[f"keys{j}"][0].tolist()), tuple(host[f"keys{j}"][1].tolist()), views[f"keys{j}"].int())
-                for j in range(stages)
-            ],
-            queries=Varlen(tuple(q_starts), tuple(q_lens), views["queries"].int()),
+            keys=[varlen(f"keys{j}") for j in range(stages)],
+            queries=varlen("queries"),
             query_rows=[views[f"qrows{j}"] for j in range(stages)],
             keep=[views["keep"][:, j] for j in range(stages)],
             visual_rows=views["visual_rows"],
@@ -141,9 +140,9 @@ def _host_arrays(plan: StepPlan) -> dict[str, np.ndarray]:
     num_query = np.array([r.num_query for r in plan.reducing], dtype=np.int64)
     num_output = np.array([r.num_output for r in plan.reducing], dtype=np.int64)
     for j in range(plan.num_stages):
-        out[f"qsl{j}"] = np.concatenate([[0], np.cumsum(plan.rows[j])])
+        out[f"qsl{j}"] = plan.query_start_loc(j)
         out[f"seq{j}"] = plan.seq_lens[j]
-        starts = plan.starts(j)[index]
+        starts = out[f"qsl{j}"][:-1][index]
         prompt_rows = plan.rows[j][index] - num_output  # keys a question row can see
         out[f"keys{j}"] = np.stack([starts, prompt_rows]).reshape(2, len(index))
         first_query = starts + prompt_rows - num_query

@@ -109,7 +109,8 @@ def _groups(mixer) -> int:
 
 
 def _conv_channels_at(projected: torch.Tensor, mixer, which: str, rows: torch.Tensor, first_row: torch.Tensor) -> torch.Tensor:
-    """B or C (..., G, N) at a few `rows` (the question rows), window by window."""
+    """B or C (..., G, N) at `rows`, window by window (cheap for a few rows, such as the
+    question rows; `_segments_b` serves the many visual rows)."""
     x, weight, bias = _conv_inputs(projected, mixer, which)
     return _causal_conv_silu_at(x, weight, bias, rows, first_row).view(*rows.shape, _groups(mixer), -1)
 
@@ -133,9 +134,7 @@ def _segments_b(projected: torch.Tensor, mixer, keys: Varlen, visual_rows: torch
     for k in range(1, taps):
         out.addcmul_(padded[k : k + len(out)], w[:, k])
     at = (visual_rows - starts[:, None] + padded_first[:, None] - gap).clamp_min(0)
-    b = out.index_select(0, at.flatten())
-    b = F.silu(b + bias.float() if bias is not None else b)
-    return b.view(width, num_visual, _groups(mixer), -1)
+    return _silu_with_bias(out.index_select(0, at.flatten()), bias).view(width, num_visual, _groups(mixer), -1)
 
 
 def _causal_conv_silu_at(
@@ -149,8 +148,11 @@ def _causal_conv_silu_at(
     source = rows[..., None] - torch.arange(taps - 1, -1, -1, device=rows.device)  # (..., W)
     window = x.index_select(0, source.clamp_min(0).flatten()).view(*source.shape, x.shape[-1])  # (..., W, C)
     window = window.masked_fill((source < first_row[..., None])[..., None], 0)
-    out = (window * weight.float().T).sum(-2)  # (..., C) float32
-    return F.silu(out + bias.float() if bias is not None else out)
+    return _silu_with_bias((window * weight.float().T).sum(-2), bias)  # (..., C) float32
+
+
+def _silu_with_bias(conv_out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.silu(conv_out + bias.float() if bias is not None else conv_out)
 
 
 def _segment_of(first_row: torch.Tensor, queries: Varlen) -> torch.Tensor:

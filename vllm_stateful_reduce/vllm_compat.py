@@ -26,6 +26,11 @@ def register_hf_config() -> None:
     AutoConfig.register(MODEL_TYPE, NemotronNanoVLConfig, exist_ok=True)
 
 
+# Refused, with or without `--plugin stateful-reduce` (nothing the plugin could set instead).
+PIPELINE_PARALLEL_PROBLEM = "pipeline parallelism is not supported: use --pipeline-parallel-size 1"
+SPECULATIVE_PROBLEM = "speculative decoding is not supported: drop --speculative-config"
+
+
 def engine_setting_problems(vllm_config: "VllmConfig") -> list[str]:
     """What in this engine configuration breaks a reduced prefill, naming the flag.
 
@@ -45,14 +50,14 @@ def engine_setting_problems(vllm_config: "VllmConfig") -> list[str]:
     if not model.enforce_eager:
         problems.append("the reduced stack has data-dependent shapes: pass --enforce-eager (enforce_eager=True)")
     if vllm_config.parallel_config.pipeline_parallel_size != 1:
-        problems.append("pipeline parallelism is not supported: use --pipeline-parallel-size 1")
+        problems.append(PIPELINE_PARALLEL_PROBLEM)
     if vllm_config.use_v2_model_runner:
         problems.append(
             "Model Runner V2 does not yet tell the model who is in the batch (see install_runner_glue): "
             "set VLLM_USE_V2_MODEL_RUNNER=0"
         )
     if vllm_config.speculative_config is not None:
-        problems.append("speculative decoding is not supported: drop --speculative-config")
+        problems.append(SPECULATIVE_PROBLEM)
     return problems
 
 
@@ -348,9 +353,9 @@ def plugin_flag_problems(engine_args) -> list[str]:
     """What `--plugin stateful-reduce` refuses instead of changing (see engine_setting_problems)."""
     problems = []
     if engine_args.pipeline_parallel_size != 1:
-        problems.append("pipeline parallelism is not supported: use --pipeline-parallel-size 1")
+        problems.append(PIPELINE_PARALLEL_PROBLEM)
     if engine_args.speculative_config is not None:
-        problems.append("speculative decoding is not supported: drop --speculative-config")
+        problems.append(SPECULATIVE_PROBLEM)
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
         problems.append(
             "Model Runner V2 does not yet tell the model who is in the batch: unset VLLM_USE_V2_MODEL_RUNNER "
