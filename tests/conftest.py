@@ -41,6 +41,8 @@ def engine_kwargs(checkpoint: Path, **overrides) -> dict:
         "limit_mm_per_prompt": {"video": 2},
         "seed": 0,
         **REQUIRED_ENGINE_ARGS,
+        # kernels/gpu_check.py: float32 on a GPU needs a backend that has it
+        **({"attention_backend": os.environ["VSR_TEST_ATTENTION_BACKEND"]} if "VSR_TEST_ATTENTION_BACKEND" in os.environ else {}),
         **overrides,
     }
 

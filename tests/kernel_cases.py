@@ -8,8 +8,12 @@ Each scoring case packs several requests of different lengths into one launch, w
 gap rows between segments (so the kernels must read the varlen tables) and -1
 padding in `v_rows`. Under the interpreter bf16 tiles are upcast before tl.dot (see
 `triton_kernels._native_dot`), so bf16 inputs match as tightly as float32 ones.
+
+`VSR_KERNEL_DEVICE=cuda` (without the interpreter) runs the same cases compiled on a
+GPU (`kernels/gpu_check.py`); inputs are made on the CPU from the same seeds, then moved.
 """
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -19,6 +23,7 @@ from vllm_stateful_reduce.kernels import reference
 from vllm_stateful_reduce.kernels.reference import Varlen
 
 GAP = 2  # unused rows between segments
+DEVICE = torch.device(os.environ.get("VSR_KERNEL_DEVICE", "cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +65,11 @@ def _packed(nk: tuple[int, ...], nq: tuple[int, ...], g: torch.Generator) -> Pac
     for r, p in enumerate(picks):
         v_rows[r, : len(p)] = p
     whole = tuple(len(p) == n for p, n in zip(picks, nk))
-    return Packed(Varlen.of(q_starts, list(nq)), Varlen.of(k_starts, list(nk)), v_rows, whole)
+    return Packed(Varlen.of(q_starts, list(nq), DEVICE), Varlen.of(k_starts, list(nk), DEVICE), v_rows.to(DEVICE), whole)
 
 
 def _randn(rows: int, heads: int, dim: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
-    return torch.randn(rows, heads, dim, generator=g).to(dtype)
+    return torch.randn(rows, heads, dim, generator=g).to(dtype).to(DEVICE)
 
 
 @pytest.mark.parametrize("rows,shape,picks,dtype", [
@@ -75,8 +80,8 @@ def _randn(rows: int, heads: int, dim: int, dtype: torch.dtype, g: torch.Generat
 ])  # fmt: skip
 def test_gather_rows(triton_kernels, rows, shape, picks, dtype) -> None:
     g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, *shape, generator=g).to(dtype)
-    index = torch.randint(0, rows, (picks,), generator=g)
+    x = torch.randn(rows, *shape, generator=g).to(dtype).to(DEVICE)
+    index = torch.randint(0, rows, (picks,), generator=g).to(DEVICE)
     assert torch.equal(triton_kernels.gather_rows(x, index), reference.gather_rows(x, index))
     assert torch.equal(triton_kernels.gather_rows(x, index.int()), reference.gather_rows(x, index))
 
@@ -138,7 +143,7 @@ def _mamba_inputs(name: str, seed: int = 0):
     c = _randn(_segments(nq)[1], groups, n, dtype, g)
     b = _randn(_segments(nk)[1], groups, n, dtype, g)
     w_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(weight)
-    w = torch.rand(b.shape[0], groups, generator=g).add(0.1).to(w_dtype) if w_dtype else None
+    w = torch.rand(b.shape[0], groups, generator=g).add(0.1).to(w_dtype).to(DEVICE) if w_dtype else None
     return c, b, w, packed
 
 
@@ -155,7 +160,7 @@ def test_mamba_scores(triton_kernels, name) -> None:
 def _strided(x: torch.Tensor) -> torch.Tensor:
     """The same values as a view with padded rows and column-major 2-d tables (like a qkv split's q)."""
     if x.dim() == 3:
-        wide = torch.empty(x.shape[0], x.shape[1] + 1, x.shape[2], dtype=x.dtype)
+        wide = torch.empty(x.shape[0], x.shape[1] + 1, x.shape[2], dtype=x.dtype, device=x.device)
         wide[:, : x.shape[1]] = x
         return wide[:, : x.shape[1]]
     return x.T.contiguous().T

@@ -5,7 +5,6 @@ while vLLM builds its config (vllm_compat.install_plugin_flag). Parsing and conf
 tests need no engine; one real server is started with exactly the card's form.
 """
 
-import os
 import re
 
 import openai
@@ -29,13 +28,6 @@ def serve_parser():
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     return make_arg_parser(FlexibleArgumentParser())
-
-
-@pytest.fixture(autouse=True)
-def restore_environment(monkeypatch):
-    """The flag sets VLLM_USE_V2_MODEL_RUNNER=0 when unset: keep it to each test."""
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "")
-    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
 
 
 def engine_args(parser, argv):
@@ -86,7 +78,7 @@ def test_without_the_flag_nothing_changes(serve_parser, real_layout_checkpoint) 
         assert not config.model_config.enforce_eager
         assert config.scheduler_config.max_num_batched_tokens == 1024
     assert args.hf_overrides == {} and not args.enforce_eager and args.max_num_batched_tokens == 1024
-    assert args.enable_chunked_prefill is None and "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
+    assert args.enable_chunked_prefill is None
 
 
 def test_user_hf_overrides_are_kept(serve_parser, real_layout_checkpoint) -> None:

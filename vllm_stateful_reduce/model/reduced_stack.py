@@ -37,9 +37,9 @@ from ..config import ReductionConfig, from_additional_config
 from ..plan import DevicePlan, StepPlan, VisualTokens, plan_step
 from ..schedule import SCORING_KINDS, Schedule, boundary_blocks, build_schedule
 from ..selection import Kept, compact, top_k
-from ..state import ReductionState, RequestInfo
+from ..state import ReductionState, RunnerBatch
 from ..timing import PhaseTimer
-from ..vllm_compat import nemotron_h_stack
+from ..vllm_compat import attention_backend_problem, nemotron_h_stack, stage_builders
 from .layers import SCORED_LAYER_TYPES
 
 logger = init_logger(__name__)
@@ -59,8 +59,8 @@ class ReducibleNemotronHModel(NemotronHModel):
         self.timing = global_config.timing
         self.state = ReductionState()
         self._unreduced_lines = ReasonRateLimit()
-        self.batch_requests: list[RequestInfo] = []
-        self._builders: dict[type, object] = {}
+        self.batch = RunnerBatch()  # set by the runner glue before each forward
+        self.attention_groups: tuple[md.StageBuilders, ...] | None = None  # bound by the runner glue
         self._schedules: dict[str, Schedule] = {}  # by config; a schedule is a bisection
         self.attention_names = [
             l.mixer.attn.layer_name for l in self.layers if isinstance(l, NemotronHAttentionDecoderLayer)
@@ -73,12 +73,12 @@ class ReducibleNemotronHModel(NemotronHModel):
     # ------------------------------------------------------------------ forward
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        if not self.batch_requests:  # dummy / profile runs
+        if not self.batch.requests:  # dummy / profile runs
             return NemotronHModel.forward(self, input_ids, positions, intermediate_tensors, inputs_embeds)
         timer = PhaseTimer(self.timing, positions.device)
         start = timer.clock()
         with timer.phase("plan"):
-            plan = plan_step(self.batch_requests, self.state.dropped, self.visual_tokens, self._schedule, len(self.boundaries) + 1)
+            plan = plan_step(self.batch.requests, self.state.dropped, self.visual_tokens, self._schedule, len(self.boundaries) + 1)
             self._record_plan(plan)
         if not plan.active:
             out = NemotronHModel.forward(self, input_ids, positions, intermediate_tensors, inputs_embeds)
@@ -97,7 +97,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         return out
 
     def _record_plan(self, plan: StepPlan) -> None:
-        self.state.forget_all_but(info.req_id for info in self.batch_requests)
+        self.state.forget_all_but(info.req_id for info in self.batch.requests)
         for req_id, dropped in plan.dropped.items():
             self.state.record(req_id, dropped)
         for skip in plan.skipped:
@@ -115,8 +115,10 @@ class ReducibleNemotronHModel(NemotronHModel):
         with timer.phase("metadata"):
             device_plan = plan.upload(hidden.device)
             ctx = get_forward_context()
+            if self.attention_groups is None:
+                raise RuntimeError("the runner glue did not bind the attention groups (vllm_compat.install_runner_glue)")
             stages = md.stage_metadata(
-                plan, device_plan, ctx.attn_metadata, self.attention_names, self.mamba_names, self._builder
+                plan, device_plan, ctx.attn_metadata, self.attention_groups, self.batch.block_tables, self.mamba_names
             )
         orig_rows = torch.arange(total, device=hidden.device)
         kept = history = None
@@ -258,14 +260,24 @@ class ReducibleNemotronHModel(NemotronHModel):
             per_stage = np.split(kept[i], np.cumsum(widths)[:-1])
             self.state.record_kept(r.req_id, [s[s >= 0].tolist() for s in per_stage])
 
-    def _builder(self, layer_name: str, meta) -> object:
-        """The attention backend's metadata builder for this layer's KV-cache group."""
-        if type(meta) not in self._builders:
-            layer = self.vllm_config.compilation_config.static_forward_context[layer_name]
-            spec = layer.get_kv_cache_spec(self.vllm_config)
-            device = md.standard_fields(meta)[1].device
-            self._builders[type(meta)] = layer.get_attn_backend().get_builder_cls()(spec, self.attention_names, self.vllm_config, device)
-        return self._builders[type(meta)]
+    # ------------------------------------------------------------------ binding
+
+    def bind_attention_groups(self, groups: list) -> None:
+        """Take the runner's attention groups of this stack's layers and make every
+        stage's metadata builders now, while the runner makes its own (before the KV
+        cache tensors are allocated); refuse a backend whose metadata is not rebuilt."""
+        mine = set(self.attention_names)
+        ours = [g for g in groups if mine & set(g.layer_names)]
+        problem = attention_backend_problem(ours)
+        if problem is not None:
+            raise ValueError(problem)
+        missing = mine - {name for g in ours for name in g.layer_names}
+        if missing:
+            raise ValueError(f"no attention group of the runner holds layers {sorted(missing)}")
+        num_stages = len(self.boundaries) + 1
+        self.attention_groups = tuple(
+            md.StageBuilders(g, stage_builders(g, self.vllm_config, num_stages)) for g in ours
+        )
 
 
 class ReducibleNemotronHForCausalLM(NemotronHForCausalLM):
