@@ -7,7 +7,6 @@ prompt's visual tokens counted in the token ids the server's own `/tokenize` ret
 the same messages, and the schedule's keep counts for each request's settings.
 """
 
-import os
 import time
 
 import openai
