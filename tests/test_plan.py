@@ -49,7 +49,8 @@ def test_plan_counts_per_stage() -> None:
     assert plan.active
     assert [r.req_id for r in plan.reducing] == ["reduced", "recompute"]
     assert plan.dropped == {"reduced": [24 - k for k in keep], "off": [], "text": [], "silent": [], "recompute": [24 - k for k in keep]}
-    assert [(s.req_id, s.reason) for s in plan.skipped] == [("silent", "no_text_after_video")]
+    assert [(s.req_id, s.reason, s.num_visual) for s in plan.skipped] == [("silent", "no_text_after_video", 8)]
+    assert [(s.req_id, s.reason, s.num_visual) for s in plan.disabled] == [("off", "disabled", 24)]
     n = len(video)
     for j in range(4):
         assert plan.rows[j].tolist() == [1, n - 24 + keep[j], n, 4, len(batch[4].prompt_token_ids), n + 3 - 24 + keep[j]]

@@ -51,8 +51,11 @@ class Reducing:
 
 @dataclass(frozen=True)
 class Skip:
+    """A fresh prefill with video served unreduced: why, and its visual tokens."""
+
     req_id: str
     reason: str
+    num_visual: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class StepPlan:
     reducing: tuple[Reducing, ...]
     dropped: dict[str, list[int]]  # fresh prefills of this step: dropped per stage (to record)
     skipped: tuple[Skip, ...]  # fresh prefills with video served unreduced, and why
+    disabled: tuple[Skip, ...] = ()  # fresh prefills with video whose reduction is turned off
 
     @property
     def num_stages(self) -> int:
@@ -185,52 +189,60 @@ def plan_step(
     computed = np.array([info.num_computed for info in batch], dtype=np.int64)
     rows = np.tile(scheduled, (num_stages, 1))
     num_computed = np.tile(computed, (num_stages, 1))
-    reducing, fresh_dropped, skipped = [], {}, []
+    reducing, fresh_dropped, skipped, disabled = [], {}, [], []
     for i, info in enumerate(batch):
         if info.num_computed > 0:  # a later step: its drops, if its prefill reduced
             carried = list(dropped.get(info.req_id, ()))[:num_stages]
             num_computed[:, i] -= np.array(carried + [0] * (num_stages - len(carried)), dtype=np.int64)
             continue
-        request, reason = _plan_prefill(i, info, visual_tokens, schedule_for)
-        if reason is not None and reason not in ("no_video", "disabled"):
-            skipped.append(Skip(info.req_id, reason))
-        fresh_dropped[info.req_id] = [len(request.visual) - k for k in request.keep] if request else []
-        if request is not None:
-            rows[:, i] += np.array(request.keep) - len(request.visual)
-            reducing.append(request)
-    return StepPlan(scheduled, computed, rows, num_computed, tuple(reducing), fresh_dropped, tuple(skipped))
+        request = _plan_prefill(i, info, visual_tokens, schedule_for)
+        if isinstance(request, Skip):
+            if request.reason != "no_video":
+                (disabled if request.reason == "disabled" else skipped).append(request)
+            fresh_dropped[info.req_id] = []
+            continue
+        fresh_dropped[info.req_id] = [len(request.visual) - k for k in request.keep]
+        rows[:, i] += np.array(request.keep) - len(request.visual)
+        reducing.append(request)
+    return StepPlan(
+        scheduled, computed, rows, num_computed, tuple(reducing), fresh_dropped, tuple(skipped), tuple(disabled)
+    )
 
 
 def _plan_prefill(
     index: int, info: RequestInfo, visual_tokens: VisualTokens, schedule_for: Callable[[ReductionConfig], Schedule]
-) -> tuple[Reducing | None, str | None]:
-    """A fresh prefill: (its reduction, None) or (None, why it is served unreduced)."""
+) -> Reducing | Skip:
+    """A fresh prefill: its reduction, or why it is served unreduced."""
     config = info.config
     if info.prompt_token_ids is None:
-        return None, "no_video"
+        return Skip(info.req_id, "no_video")
     prompt = np.asarray(info.prompt_token_ids[: info.num_prompt_tokens])
     visual = np.flatnonzero(prompt == visual_tokens.context_token_id)
+
+    def skip(reason: str) -> Skip:
+        return Skip(info.req_id, reason, len(visual))
+
     if info.num_scheduled < info.num_prompt_tokens:
-        return None, "prompt_split_across_steps"
+        return skip("prompt_split_across_steps")
     if not len(visual):
-        return None, "no_video"
+        return skip("no_video")
     if not config.enabled:
-        return None, "disabled"
+        return skip("disabled")
     # the question: prompt text after the last video's closing wrapper (`</img>`)
     num_query = info.num_prompt_tokens - (int(visual[-1]) + 1 + visual_tokens.end_length)
     if num_query <= 0:
-        return None, "no_text_after_video"
+        return skip("no_text_after_video")
     entering = len(visual)  # visual tokens that enter the LLM after EVS
     if config.evs_rate:
         if len(visual) % visual_tokens.tokens_per_frame:
-            return None, "visual_tokens_not_whole_frames"
+            return skip("visual_tokens_not_whole_frames")
         frames = len(visual) // visual_tokens.tokens_per_frame
         entering = compute_retained_tokens_count(visual_tokens.tokens_per_frame, frames, config.evs_rate)
     try:
         keep = schedule_for(config).keep_counts(entering, config.min_keep)
     except ValueError as err:  # a per-request budget this pattern cannot reach
-        return None, f"infeasible: {err}"
+        return skip(f"infeasible: {err}")
     if keep[-1] == len(visual):
-        return None, "nothing_to_drop"
+        return skip("nothing_to_drop")
     num_output = info.num_scheduled - info.num_prompt_tokens
-    return Reducing(index, info.req_id, visual, num_query, num_output, (*keep,), config), None
+    return Reducing(index, info.req_id, visual, num_query, num_output, (*keep,), config)

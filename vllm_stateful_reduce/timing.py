@@ -1,30 +1,31 @@
-"""Optional timers of a reduced forward's phases (`timing: true` in the global config).
+"""Timers of a reduced forward's phases: the plugin's reduction work.
 
-Off, a phase is a shared null context (no clock, no device sync). On, each phase
-synchronises the device before and after, so the figures are wall time of that
-phase alone (and the forward runs a little slower: use it to measure, not to serve).
+Every phase is clocked on the host (two clock reads; no device sync), which feeds the
+`vllm:stateful_reduce_work_seconds` metric: on the CPU that is the phase's whole cost,
+on a GPU the host's share (planning, metadata, kernel launches). With `timing: true`
+in the global config each phase also synchronises the device before and after, so the
+figures are wall time of that phase alone, device work included, and each forward's
+figures are kept in `ReductionState.timings` (the forward runs a little slower: use it
+to measure, not to serve).
 """
 
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
 PHASES = ("plan", "metadata", "scoring", "selection", "compaction")
 
-_OFF = nullcontext()
-
 
 class PhaseTimer:
     def __init__(self, enabled: bool, device: torch.device | None = None) -> None:
-        self.enabled = enabled
+        self.enabled = enabled  # synchronise the device around phases
         self.device = device
         self.seconds = dict.fromkeys(PHASES, 0.0)
 
     def clock(self) -> float:
         """Now, after the device's queued work (when on)."""
-        if self.enabled:
-            self._sync()
+        self._sync()
         return time.perf_counter()
 
     def record(self, start: float, reduced: bool, requests: int, rows: int) -> dict:
@@ -32,11 +33,8 @@ class PhaseTimer:
         forward = self.clock() - start
         return {"reduced": reduced, "requests": requests, "rows": rows, "forward": forward, **self.seconds}
 
-    def phase(self, name: str):
-        return self._timed(name) if self.enabled else _OFF
-
     @contextmanager
-    def _timed(self, name: str):
+    def phase(self, name: str):
         self._sync()
         start = time.perf_counter()
         try:
@@ -46,5 +44,5 @@ class PhaseTimer:
             self.seconds[name] += time.perf_counter() - start
 
     def _sync(self) -> None:
-        if self.device is not None and self.device.type == "cuda":
+        if self.enabled and self.device is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

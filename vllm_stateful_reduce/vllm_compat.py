@@ -552,3 +552,18 @@ def install_plugin_flag() -> None:
     EngineArgs.add_cli_args = staticmethod(_add_cli_args)
     EngineArgs.from_cli_args = classmethod(_from_cli_args)
     EngineArgs.create_model_config = _create_model_config
+
+
+# ------------------------------------------------------------- metrics (metrics.py)
+#
+# Checked against vLLM 0.32. The plugin's Prometheus counters are made in the worker;
+# they reach `/metrics` through Prometheus' multiprocess mode (see metrics.py), so the
+# only vLLM fact needed here is which rank counts.
+
+
+def first_tensor_parallel_rank() -> bool:
+    """Whether this worker is tensor-parallel rank 0 of its engine (every rank plans the
+    same step, so one counts)."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank() == 0

@@ -33,6 +33,7 @@ from vllm.multimodal.video_prune.evs import compute_retention_mask
 from .. import metadata as md
 from .. import scoring
 from ..log import ReasonRateLimit, local_first_rank
+from ..metrics import ReductionMetrics
 from ..config import ReductionConfig, from_additional_config
 from ..plan import DevicePlan, StepPlan, VisualTokens, plan_step
 from ..schedule import SCORING_KINDS, Schedule, boundary_blocks, build_schedule
@@ -58,6 +59,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         self.boundaries = boundary_blocks(self.pattern, global_config)  # engine-wide
         self.timing = global_config.timing
         self.state = ReductionState()
+        self.metrics = ReductionMetrics.for_engine(vllm_config, len(self.boundaries) + 1)
         self._unreduced_lines = ReasonRateLimit()
         self.batch = RunnerBatch()  # set by the runner glue before each forward
         self.attention_groups: tuple[md.StageBuilders, ...] | None = None  # bound by the runner glue
@@ -92,6 +94,7 @@ class ReducibleNemotronHModel(NemotronHModel):
                 ctx.attn_metadata.update(saved[0])
                 ctx.slot_mapping.clear()
                 ctx.slot_mapping.update(saved[1])
+        self.metrics.record_work(timer.seconds)
         if self.timing:
             self.state.timings.append(timer.record(start, bool(plan.reducing), len(plan.scheduled), int(plan.scheduled.sum())))
         return out
@@ -100,6 +103,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         self.state.forget_all_but(info.req_id for info in self.batch.requests)
         for req_id, dropped in plan.dropped.items():
             self.state.record(req_id, dropped)
+        self.metrics.record_plan(plan)
         for skip in plan.skipped:
             reason = skip.reason.split(":")[0]
             self.state.count_skip(reason)

@@ -1,0 +1,145 @@
+"""The plugin's Prometheus figures on the server's `/metrics` (one real server).
+
+Known requests go in (reduced at the default and at an overridden budget, reduction
+turned off, an infeasible budget, a budget with nothing to drop, text only); the figures
+read back from `/metrics` must equal what the schedule says for them. The oracle: the
+prompt's visual tokens counted in the token ids the server's own `/tokenize` returns for
+the same messages, and the schedule's keep counts for each request's settings.
+"""
+
+import time
+
+import openai
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from vllm_stateful_reduce.checkpoint import CheckpointSpec
+from vllm_stateful_reduce.config import parse
+from vllm_stateful_reduce.launch import running_server
+from vllm_stateful_reduce.media import video_data_url, write_video
+from vllm_stateful_reduce.model.config import IMG_CONTEXT
+from vllm_stateful_reduce.schedule import build_schedule
+
+from .conftest import random_video
+
+PREFIX = "vllm:stateful_reduce_"
+QUESTION = "What happens in this video?"
+# per-request options -> how the request is served (None: reduced)
+REQUESTS = {
+    "default": ({}, None),
+    "budget 0.5": ({"budget": 0.5}, None),
+    "off": ({"enabled": False}, "disabled"),
+    "infeasible": ({"budget": 0.1}, "infeasible"),  # below the 13-block pattern's smallest depth average
+    "keep all": ({"budget": 1.0}, "nothing_to_drop"),
+}
+
+
+@pytest.fixture(scope="module")
+def video_url(tmp_path_factory) -> str:
+    path = write_video(random_video(20, seed=7), tmp_path_factory.mktemp("media") / "clip.mp4", fps=2.0)
+    return video_data_url(path)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    """A server in Prometheus multiprocess mode (a fresh directory), as metrics.py needs."""
+    logs = tmp_path_factory.mktemp("logs")
+    extra = ["--dtype", "float32", "--gpu-memory-utilization", "0.3", "--trust-request-mm-kwargs"]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path_factory.mktemp("prometheus")))
+        with running_server(checkpoint, log_path=logs / "serve.log", extra=extra) as url:
+            yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+
+
+def plugin_figures(server: str) -> dict[tuple, float]:
+    """The plugin's counters on /metrics: (name, labels without model/engine) -> value,
+    and the model/engine label pairs seen (under the key "labels")."""
+    text = requests.get(server + "/metrics", timeout=10).text
+    figures, labels = {}, set()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(PREFIX) and sample.name.endswith("_total"):
+                rest = tuple(sorted((k, v) for k, v in sample.labels.items() if k not in ("model_name", "engine")))
+                figures[(sample.name, rest)] = figures.get((sample.name, rest), 0.0) + sample.value
+                labels.add((sample.labels["model_name"], sample.labels["engine"]))
+    figures["labels"] = labels
+    return figures
+
+
+def messages(video_url: str | None) -> list[dict]:
+    content = [{"type": "text", "text": QUESTION}]
+    if video_url is not None:
+        content.insert(0, {"type": "video_url", "video_url": {"url": video_url}})
+    return [{"role": "user", "content": content}]
+
+
+def prompt_visual_tokens(server: str, model: str, video_url: str) -> int:
+    """Visual tokens of the request's prompt, from the server's own tokenization."""
+    r = requests.post(server + "/tokenize", json={"model": model, "messages": messages(video_url),
+                                                 "add_generation_prompt": True}, timeout=60)  # fmt: skip
+    r.raise_for_status()
+    context_id = requests.post(server + "/tokenize", json={"model": model, "prompt": IMG_CONTEXT,
+                                                            "add_special_tokens": False}, timeout=10).json()["tokens"]  # fmt: skip
+    assert len(context_id) == 1
+    return r.json()["tokens"].count(context_id[0])
+
+
+def test_figures_match_the_requests(client, server, video_url) -> None:
+    model = client.models.list().data[0].id
+    pattern = CheckpointSpec().pattern
+    num_visual = prompt_visual_tokens(server, model, video_url)
+    assert num_visual >= 20 * 4  # 20 frames of (64/16)^2 / 4 tokens each, unless the loader samples more
+    num_stages = len(build_schedule(pattern, parse({})).boundaries) + 1
+
+    expected: dict[tuple, float] = {}
+
+    def add(name: str, value: float, **labels: str) -> None:
+        key = (PREFIX + name + "_total", tuple(sorted(labels.items())))
+        expected[key] = expected.get(key, 0.0) + value
+
+    for options, reason in REQUESTS.values():
+        add("visual_tokens", num_visual)
+        if reason is None:
+            config = parse(options)
+            keep = build_schedule(pattern, config).keep_counts(num_visual, config.min_keep)
+            assert keep[0] == num_visual > keep[-1]  # something is dropped
+            add("requests_reduced", 1)
+        else:
+            keep = [num_visual] * num_stages
+            add("requests_unreduced", 1, reason=reason)
+        for stage, k in enumerate(keep):
+            add("visual_tokens_kept", k, stage=str(stage))
+
+    before = plugin_figures(server)
+    start = time.monotonic()
+    for options, _ in REQUESTS.values():
+        out = client.chat.completions.create(
+            model=model, max_tokens=3, temperature=0.0, messages=messages(video_url),
+            extra_body={"mm_processor_kwargs": {"stateful_reduce": options}},
+        )  # fmt: skip
+        assert out.choices[0].finish_reason
+    text_only = client.chat.completions.create(model=model, max_tokens=3, messages=messages(None))
+    assert text_only.choices[0].finish_reason
+    elapsed = time.monotonic() - start
+    after = plugin_figures(server)
+
+    assert after["labels"] == {(model, "0")}, after["labels"]
+    # multiprocess mode keeps vLLM's own figures (made in the API server) on /metrics
+    assert "vllm:prompt_tokens_total{" in requests.get(server + "/metrics", timeout=10).text
+    counts = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after if k != "labels" and "work_seconds" not in k[0]}
+    got = {k: v for k, v in counts.items() if v}
+    print("expected:", sorted(expected.items()))
+    print("got:     ", sorted(got.items()))
+    assert got == expected
+
+    work = {dict(k[1])["phase"]: after[k] - before.get(k, 0.0) for k in after if k != "labels" and "work_seconds" in k[0]}
+    print("reduction work seconds:", work, "of", round(elapsed, 2), "s of requests")
+    assert set(work) == {"plan", "metadata", "scoring", "selection", "compaction"}
+    assert all(v > 0 for v in work.values()), work  # two reduced prefills ran every phase
+    assert sum(work.values()) < elapsed
