@@ -6,6 +6,7 @@ tests need no engine; one real server is started with exactly the card's form.
 """
 
 import re
+import urllib.request
 
 import openai
 import pytest
@@ -123,6 +124,10 @@ def test_card_command_serves_a_video(real_layout_checkpoint, media, tmp_path) ->
         answer = ask(client, video_part(video_data_url(media / "ok.mp4")))
         assert answer.choices[0].message.content.strip()
         assert answer.usage.prompt_tokens > 6 * 4
+        metrics = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+    # the CLI entry turns Prometheus' multiprocess mode on: the worker's figures reach /metrics
+    reduced = re.search(r'^vllm:stateful_reduce_requests_reduced_total\{[^}]*\} (\S+)$', metrics, re.M)
+    assert reduced and float(reduced.group(1)) == 1.0, metrics[-3000:]
     log = log_path.read_text(errors="replace")
     expected = [
         rf"{FLAG}: architecture {ARCHITECTURE} for this NemotronH_Nano_VL_V2 checkpoint",

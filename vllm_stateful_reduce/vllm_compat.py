@@ -166,8 +166,18 @@ def vllm_cli() -> None:
     version of `vllm` and dies with PackageNotFoundError, so `vllm serve` cannot
     start there. Answer that lookup with the installed build's version, then run
     the unchanged CLI. ("+cpu" as vLLM's own platform detection spells it.)
+
+    `serve` also gets Prometheus' multiprocess mode (a fresh PROMETHEUS_MULTIPROC_DIR,
+    unless one is set), so the plugin's figures, counted in the worker, reach
+    `/metrics` (see metrics.py); `/metrics` then has no `process_*` / `python_gc_*` series.
     """
     import importlib.metadata as metadata
+    import os
+    import sys
+    import tempfile
+
+    if sys.argv[1:2] == ["serve"] and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="vllm-stateful-reduce-metrics-")
 
     try:
         metadata.version("vllm")
@@ -319,14 +329,17 @@ def stage_builders(group, vllm_config: "VllmConfig", num_stages: int) -> tuple[o
     the way the runner made its own (`AttentionGroup.create_metadata_builders`: same
     backend, KV-cache spec, kernel block size, block-table width). FlashInfer builders
     share the runner's float workspace (hundreds of MB; stages run one after another
-    on one stream) instead of each allocating one at its first build."""
+    on one stream) instead of each allocating one at its first build, and make their
+    wrappers (each with its own small plan workspace) now, not in the first reduced step."""
     runner_builder = group.get_metadata_builder()
     twin = dataclasses.replace(group, metadata_builders=[], kernel_block_table=None, kernel_block_offsets=None)
     twin.create_metadata_builders(vllm_config, runner_builder.device, group.kernel_block_size, num_stages)
-    if hasattr(runner_builder, "_get_workspace_buffer"):  # FlashInfer (vLLM 0.32)
+    if hasattr(runner_builder, "_get_workspace_buffer"):  # FlashInfer (vLLM 0.32, flashinfer.py)
         workspace = runner_builder._get_workspace_buffer()
         for builder in twin.metadata_builders:
             builder.set_workspace_buffer(workspace)
+            builder._get_prefill_wrapper()
+            builder._get_decode_wrapper(0)
     return tuple(twin.metadata_builders)
 
 
