@@ -146,6 +146,9 @@ def test_video_without_question_is_served_unreduced_and_counted(llm) -> None:
 def test_invalid_per_request_options_are_value_errors(llm, options, field) -> None:
     with pytest.raises(ValueError, match=field):
         llm.generate([request(random_video(2), options=options)], params())
+    text_only = {**request(None), "mm_processor_kwargs": {"stateful_reduce": options}}
+    with pytest.raises(ValueError, match=field):  # checked without media too
+        llm.generate([text_only], params())
     assert llm.generate([request(None)], SamplingParams(max_tokens=2))[0].outputs[0].token_ids  # still serving
 
 

@@ -84,7 +84,10 @@ def check_reduction_config(vllm_config: "VllmConfig") -> None:
 #    per-request mm_processor_kwargs, for chat, completions and responses) also checks
 #    ours (`install_request_option_check`): video and text-only requests alike;
 #  - the processor's `apply` (processing.py), before the HF-style call: offline
-#    `LLM.generate` and any other path into the processor.
+#    `LLM.generate` and any other path into the processor;
+#  - offline prompts without media: vLLM's renderer hands `mm_processor_kwargs` only to
+#    the multimodal processor (`BaseRenderer._process_tokens[_async]`), so a text-only
+#    prompt's options would be dropped unchecked; those two methods check them first.
 
 
 class RequestError(VLLMValidationError, ValueError):
@@ -128,6 +131,35 @@ def install_request_option_check() -> None:
 
     validate_request_mm_kwargs._stateful_reduce = True
     online_renderer.validate_request_mm_kwargs = validate_request_mm_kwargs
+    _install_text_prompt_option_check()
+
+
+def _check_text_prompt_options(prompt: Mapping) -> None:
+    from .config import CONFIG_KEY
+
+    kwargs = prompt.get("mm_processor_kwargs")
+    if not prompt.get("multi_modal_data") and isinstance(kwargs, Mapping) and CONFIG_KEY in kwargs:
+        check_request_options(kwargs[CONFIG_KEY])
+
+
+def _install_text_prompt_option_check() -> None:
+    """Wrap `BaseRenderer._process_tokens` and `_process_tokens_async` (vLLM 0.32,
+    renderers/base.py) to check a media-less prompt's options (see above)."""
+    from vllm.renderers.base import BaseRenderer
+
+    sync, asynchronous = BaseRenderer._process_tokens, BaseRenderer._process_tokens_async
+
+    @functools.wraps(sync)
+    def _process_tokens(self, prompt, **kwargs):
+        _check_text_prompt_options(prompt)
+        return sync(self, prompt, **kwargs)
+
+    @functools.wraps(asynchronous)
+    async def _process_tokens_async(self, prompt, **kwargs):
+        _check_text_prompt_options(prompt)
+        return await asynchronous(self, prompt, **kwargs)
+
+    BaseRenderer._process_tokens, BaseRenderer._process_tokens_async = _process_tokens, _process_tokens_async
 
 
 def install_config_hook(architecture: str) -> None:
