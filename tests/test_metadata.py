@@ -34,3 +34,16 @@ def test_manager_block_slots_match_the_kernel_block_table() -> None:
     kernel_slots = kernel_table[request, logical // kernel].long() * kernel + logical % kernel
     assert torch.equal(slots, kernel_slots)
     assert len(set(slots.tolist())) == len(set(zip(request.tolist(), logical.tolist())))  # no two positions share a slot
+
+
+def test_attention_backends_the_plugin_does_not_rebuild_are_refused() -> None:
+    from vllm.v1.attention.backends.flex_attention import FlexAttentionBackend
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+    from vllm_stateful_reduce.vllm_compat import attention_backend_problem
+
+    spec = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    group = lambda backend: AttentionGroup(backend, ["layer"], spec, 0)  # noqa: E731
+    assert attention_backend_problem([group(CPUAttentionBackend), group(TritonAttentionBackend)]) is None
+    problem = attention_backend_problem([group(CPUAttentionBackend), group(FlexAttentionBackend)])
+    assert "not FLEX_ATTENTION" in problem and "--attention-backend FLASH_ATTN" in problem
