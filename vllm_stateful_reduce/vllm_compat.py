@@ -272,10 +272,26 @@ def install_runner_glue() -> None:
         model = self.get_model()
         if hasattr(model, "bind_attention_groups"):
             model.bind_attention_groups([g for groups in self.attn_groups for g in groups])
+            warm_up_logprob_ranks(self.model_config.get_vocab_size(), self.device)
 
     _model_forward._stateful_reduce = True
     GPUModelRunner._model_forward = _model_forward
     GPUModelRunner.initialize_metadata_builders = _initialize_metadata_builders
+
+
+def warm_up_logprob_ranks(vocab_size: int, device: torch.device) -> None:
+    """Compile vLLM's `batched_count_greater_than` (the rank of each returned log-prob,
+    `torch.compile`d with inductor; vLLM 0.32 v1/sample/ops/logprobs.py) at start-up.
+    vLLM's own warm-up samples without log-probs, so the first request asking for them
+    paid the compilation: 2.4 s here on a quiet machine, 21-24 s on a busy one. Marked
+    as the sampler marks it (unbacked batch size), so one compilation serves every batch."""
+    from vllm.v1.sample.ops.logprobs import batched_count_greater_than
+
+    logprobs = torch.zeros(2, vocab_size, dtype=torch.float32, device=device)
+    chosen = torch.zeros(2, 1, dtype=torch.float32, device=device)
+    torch._dynamo.decorators.mark_unbacked(logprobs, 0)
+    torch._dynamo.decorators.mark_unbacked(chosen, 0)
+    batched_count_greater_than(logprobs, chosen)
 
 
 # ------------------------------------------------------------- Model Runner V2
