@@ -31,7 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 from vllm_stateful_reduce import ARCHITECTURE, REQUIRED_ENGINE_ARGS
-from vllm_stateful_reduce.config import ConfigError, ReductionConfig, parse
+from vllm_stateful_reduce.config import ReductionConfig, parse
+from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
 from vllm_stateful_reduce.schedule import build_schedule
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "video-qa-small"
@@ -97,9 +98,21 @@ def load_video(path: Path, num_frames: int) -> tuple[np.ndarray, dict[str, Any]]
     return np.ascontiguousarray(np.stack(frames)), metadata
 
 
+def video_request(job: Job, args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
+    """The `LLM.generate` prompt of one job (ValueError if its video cannot be read)."""
+    video = load_video(args.videos / job.video, args.num_frames)
+    messages = [{"role": "user", "content": f"{VIDEO_PLACEHOLDER}\n{job.question}"}]  # the checkpoint's chat template
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return {"prompt": prompt, "multi_modal_data": {"video": video}}
+
+
 def reduction_settings(args: argparse.Namespace) -> ReductionConfig:
-    """The global reduction config of the job (ConfigError names a bad field)."""
-    return parse({"enabled": False} if args.no_reduction else {"budget": args.budget})
+    """The job's global reduction config, checked against the checkpoint's blocks before
+    an engine starts (ValueError naming the field, e.g. a budget they cannot reach)."""
+    reduction = parse({"enabled": False} if args.no_reduction else {"budget": args.budget})
+    if reduction.enabled:
+        build_schedule(NemotronNanoVLConfig.from_pretrained(args.model).text_config.hybrid_override_pattern, reduction)
+    return reduction
 
 
 def engine_kwargs(args: argparse.Namespace, reduction: ReductionConfig) -> dict[str, Any]:
@@ -165,7 +178,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     try:
         args.jobs = read_jobs(args.videos, args.question, args.questions)
         args.reduction = reduction_settings(args)
-    except (ValueError, OSError) as err:  # ConfigError is a ValueError
+    except (ValueError, OSError) as err:  # ConfigError is a ValueError; OSError: an unreadable file
         parser.error(str(err))
     for name in ("max_tokens", "num_frames", "max_model_len", "batch_size"):
         if getattr(args, name) < 1:
@@ -184,34 +197,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     started, answered = time.monotonic(), 0
     with args.out.open("w") as out, tqdm(total=len(args.jobs), unit="video", file=sys.stderr) as progress:
         for batch in chunks(args.jobs, args.batch_size):
-            requests, ready = [], []
+            lines: list[dict[str, Any]] = []  # one per job of the batch, in order
+            requests, slots = [], []
             for job in batch:
                 try:
-                    video = load_video(args.videos / job.video, args.num_frames)
-                except ValueError as err:
-                    out.write(json.dumps({"video": job.video, "question": job.question, "error": str(err)}) + "\n")
-                    continue
-                messages = [{"role": "user", "content": f"{VIDEO_PLACEHOLDER}\n{job.question}"}]
-                prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                requests.append({"prompt": prompt, "multi_modal_data": {"video": video}})
-                ready.append(job)
-            for job, result in zip(ready, llm.generate(requests, sampling, use_tqdm=False) if requests else []):
-                line = {
-                    "video": job.video,
-                    "question": job.question,
+                    requests.append(video_request(job, args, tokenizer))
+                    slots.append(len(lines))
+                    lines.append({})
+                except ValueError as err:  # an unreadable video: say so and go on
+                    lines.append({"video": job.video, "question": job.question, "error": str(err)})
+            for slot, result in zip(slots, llm.generate(requests, sampling, use_tqdm=False) if requests else []):
+                lines[slot] = {
+                    "video": batch[slot].video,
+                    "question": batch[slot].question,
                     "answer": result.outputs[0].text.strip(),
                     "kept_visual_tokens": kept_per_stage(result.prompt_token_ids, hf_config, args.reduction),
                     "timing": timings(result.metrics),
                 }
-                out.write(json.dumps(line) + "\n")
-                answered += 1
+            out.writelines(json.dumps(line) + "\n" for line in lines)
             out.flush()
+            answered += len(slots)
             progress.update(len(batch))
     print(f"{answered}/{len(args.jobs)} videos answered in {time.monotonic() - started:.1f} s -> {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:  # e.g. a budget the model's block layout cannot reach
-        sys.exit(f"error: {err}")
+    main()

@@ -141,6 +141,7 @@ def test_batch_job_options(videos, tmp_path) -> None:
     bad = tmp_path / "bad.jsonl"
     cases = {
         "budget 1.5": (["--question", "?", "--budget", "1.5"], "stateful_reduce.budget must be in (0, 1], got 1.5"),
+        "budget 0.05": (["--question", "?", "--budget", "0.05"], "budget: 0.05 is below the smallest depth average"),
         "no question": ([], "one of the arguments --question --questions is required"),
         "not JSON": (["--questions", str(bad)], "line 1: not JSON", "{oops"),
         "no question field": (["--questions", str(bad)], "line 2: needs a non-empty string 'question'", '{"video": "order.mp4", "question": "?"}\n{"video": "order.mp4"}'),
