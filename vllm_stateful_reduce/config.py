@@ -31,43 +31,75 @@ class ConfigError(ValueError):
 class ReductionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
-    enabled: bool = True
-    budget: float = Field(0.25, gt=0.0, le=1.0)
+    enabled: bool = Field(True, description="reduce at all")
+    budget: float = Field(
+        0.25,
+        gt=0.0,
+        le=1.0,
+        description='depth-averaged kept fraction (or the final fraction with `budget_mode: "final_ratio"`)',
+    )
     """Depth-averaged fraction of visual tokens the language model processes
     (`budget_mode="depth_average"`, mean_l |V_l| / N_v), or the fraction left after
     the last stage (`"final_ratio"`)."""
-    budget_mode: Literal["depth_average", "final_ratio"] = "depth_average"
-    schedule: Literal["sigmoid", "step", "geometric"] | list[float] = "sigmoid"
+    budget_mode: Literal["depth_average", "final_ratio"] = Field(
+        "depth_average", description='what `budget` means: `"depth_average"` or `"final_ratio"` (kept after the last stage)'
+    )
+    schedule: Literal["sigmoid", "step", "geometric"] | list[float] = Field(
+        "sigmoid",
+        description='`"sigmoid"`, `"step"` (one ratio after the first boundary), `"geometric"` (stage j keeps λ^j) '
+        "or a list of per-stage ratios",
+    )
     """`sigmoid`: r(l) = floor + (1 - floor) * sigmoid((l0 - l) / (temperature * depth)),
     l0 solved for the budget; `step`: all tokens until the first boundary, then one
     constant ratio; `geometric`: stage j keeps lambda^j (PyramidDrop-style staged
     decay), lambda solved for the budget; a list: the keep ratio of each stage."""
-    sigmoid_floor: float = Field(0.05, ge=0.0, lt=1.0)
-    sigmoid_temperature: float = Field(0.15, gt=0.0)
-    boundaries: Literal["attention"] | list[int] = "attention"
+    sigmoid_floor: float = Field(0.05, ge=0.0, lt=1.0, description="shape of the sigmoid schedule: the ratio it falls to")
+    sigmoid_temperature: float = Field(
+        0.15, gt=0.0, description="shape of the sigmoid schedule: its width, as a fraction of the depth"
+    )
+    boundaries: Literal["attention"] | list[int] = Field(
+        "attention", description="reduce after every attention block, or after these block indices"
+    )
     """Blocks after which tokens are dropped: after every attention block, or these
     block indices."""
-    selection: Literal["scores", "random"] = "scores"
+    selection: Literal["scores", "random"] = Field(
+        "scores", description='`"random"` keeps a seeded random subset of the same size (baseline)'
+    )
     """`random`: keep a seeded random subset of the same size (a baseline)."""
-    score_layers: Literal["all", "attention", "mamba"] = "all"
+    score_layers: Literal["all", "attention", "mamba"] = Field(
+        "all", description='which blocks score: `"all"`, `"attention"`, `"mamba"`'
+    )
     """Which blocks of a stage contribute scores: attention (softmax of the query rows),
     Mamba2 (C_Q . B_V proxy), or both."""
-    score_norm: Literal["zscore", "sum"] = "zscore"
+    score_norm: Literal["zscore", "sum"] = Field(
+        "zscore",
+        description='how each block\'s scores are scaled before a stage sums them: `"zscore"` or `"sum"`',
+    )
     """How a block's scores are put on a common scale before a stage sums them:
     `zscore` (minus the mean, over the standard deviation: every block gets the same
     say in the ranking) or `sum` (divided by their sum: a nearly flat block, such as
     softmax attention spread over a long prompt, then barely counts)."""
-    mamba_decay: bool = False
+    mamba_decay: bool = Field(False, description="include the exp(A·Σdt) decay in the Mamba proxy (ablation)")
     """Multiply the Mamba proxy by exp(A * sum dt) (the decay the paper drops)."""
-    mamba_dt: bool = True
+    mamba_dt: bool = Field(True, description="weight the Mamba proxy by dt")
     """Weight the Mamba proxy of token s by its step size dt_s."""
-    evs_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    evs_rate: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="EVS-style pruning before the LLM: drop this fraction of the tokens that changed least since "
+        "the previous frame (vLLM's EVS rule); the budget then applies to the rest",
+    )
     """EVS-style pruning before the LLM: drop this fraction of the visual tokens that
     changed least since the previous frame (vLLM's EVS rule; the first frame stays).
     The in-LLM budget then applies to the tokens that remain."""
-    min_keep: int = Field(16, ge=1)
+    min_keep: int = Field(16, ge=1, description="never keep fewer visual tokens per request")
     """Never keep fewer visual tokens than this per request (or all, if fewer)."""
-    timing: bool = False
+    timing: bool = Field(
+        False,
+        description="time each forward's phases (plan, metadata, scoring, selection, compaction) into "
+        "`reduction_state.timings`; syncs the device per phase, so for measuring only",
+    )
     """Time the phases of every forward (plan, metadata, scoring, selection, compaction)
     into the model's `reduction_state.timings`; synchronises the device per phase, so
     for measuring only. Global."""
