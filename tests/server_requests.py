@@ -17,14 +17,16 @@ from vllm_stateful_reduce.model.config import IMG_CONTEXT
 
 
 @contextmanager
-def server_with_metrics(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, extra: Sequence[str] = ()) -> Iterator[str]:
+def server_with_metrics(
+    checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, max_model_len: int = 4096, extra: Sequence[str] = ()
+) -> Iterator[str]:
     """A float32 server accepting per-request options, in Prometheus multiprocess mode so
     that the plugin's counters (made in the worker) and vLLM's figures share `/metrics`."""
     flags = ["--dtype", "float32", "--gpu-memory-utilization", "0.3", "--trust-request-mm-kwargs", "--seed", "0", *extra]
     with pytest.MonkeyPatch.context() as env:
         env.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path_factory.mktemp("prometheus")))
         start = time.monotonic()
-        with running_server(checkpoint, log_path=tmp_path_factory.mktemp("logs") / "serve.log", extra=flags) as url:
+        with running_server(checkpoint, log_path=tmp_path_factory.mktemp("logs") / "serve.log", max_model_len=max_model_len, extra=flags) as url:
             print(f"server healthy after {time.monotonic() - start:.1f} s")
             yield url
 

@@ -26,9 +26,8 @@ PREEMPTIONS = "vllm:num_preemptions_total"
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory) -> Iterator[str]:
-    extra = ["--max-model-len", "1024", "--max-num-batched-tokens", "1024", "--num-gpu-blocks-override", str(NUM_BLOCKS),
-             "--additional-config", '{"stateful_reduce": {"min_keep": 4}}']  # fmt: skip
-    with server_with_metrics(checkpoint, tmp_path_factory, extra) as url:
+    extra = ["--num-gpu-blocks-override", str(NUM_BLOCKS), "--additional-config", '{"stateful_reduce": {"min_keep": 4}}']
+    with server_with_metrics(checkpoint, tmp_path_factory, max_model_len=1024, extra=extra) as url:
         yield url
 
 
