@@ -1,0 +1,162 @@
+"""Load and client faults against one real `vllm serve` (loopback, the official openai client).
+
+- Mixed requests sent together (reduced at the default budget, at an overridden budget,
+  reduction off, text only; half of them streamed) answer exactly what they answer when
+  sent one at a time: same token ids, same log-probabilities.
+- Clients that hang up mid-stream leave nothing running and change no later answer;
+  each hung-up prefill was counted once by the plugin.
+"""
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import openai
+import pytest
+
+from vllm_stateful_reduce.media import video_data_url, write_video
+
+from .conftest import random_video
+from .server_requests import (
+    Chat,
+    max_logprob_difference,
+    metric,
+    plugin_counts,
+    request_body,
+    send,
+    send_together,
+    server_with_metrics,
+    visual_tokens,
+    wait_until,
+)
+
+NUM_VIDEOS = 3
+# per-request options: None sends none (the server's default, reduced at 25%)
+OPTIONS = [None, {"enabled": False}, {"budget": 0.5}, {"budget": 0.35, "enabled": True}]
+# Float32 on CPU: a row's result may depend on the batch it was computed in (kernel
+# blocking by batch size). Measured here: up to 4.8e-7.
+LOGPROB_TOLERANCE = 1e-5
+NUM_ABORTS = 6
+LONG = 3000  # tokens an aborted request would otherwise generate
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("media")
+    return [video_data_url(write_video(random_video(8 + 4 * i, seed=20 + i), root / f"v{i}.mp4")) for i in range(NUM_VIDEOS)]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory) -> Iterator[str]:
+    with server_with_metrics(checkpoint, tmp_path_factory) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def mixed_chats(videos: list[str]) -> list[Chat]:
+    """20 requests: every option on every video, text only; streamed or not; lengths vary
+    so that requests finish in different steps."""
+    kinds = [(video, options, Chat.question) for video in videos for options in OPTIONS]
+    kinds += [(None, None, "Say something."), (None, {"budget": 0.5}, "Count to ten.")]
+    kinds += kinds[: 20 - len(kinds)]  # a few identical requests in flight at once
+    return [Chat(video, options, i % 2 == 1, 12 + 3 * (i % 7), question) for i, (video, options, question) in enumerate(kinds)]
+
+
+@contextmanager
+def peak_of(read: Callable[[], float]) -> Iterator[list[float]]:
+    """The largest value `read()` gave while the block ran (polled in a thread)."""
+    peak, done = [0.0], threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], read())
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_concurrent_requests_answer_as_sequential_ones(client, model, server, videos) -> None:
+    chats = mixed_chats(videos)
+    counted = plugin_counts(server)
+    one_by_one, seconds = [], []
+    for chat in chats:
+        start = time.monotonic()
+        one_by_one.append(send(client, model, chat))
+        seconds.append(time.monotonic() - start)
+    between = plugin_counts(server)
+    start = time.monotonic()
+    with peak_of(lambda: metric(server, "vllm:num_requests_running")) as running:
+        together = send_together(client, model, chats)
+    concurrent_s = time.monotonic() - start
+    after = plugin_counts(server)
+    difference = max_logprob_difference(one_by_one, together)
+    print(f"{len(chats)} requests: one at a time {sum(seconds):.1f} s (first {seconds[0]:.1f} s, then median "
+          f"{statistics.median(seconds[1:]):.2f} s), together {concurrent_s:.1f} s; peak running "
+          f"{running[0]:.0f}; max |d logprob| {difference:.3g}")  # fmt: skip
+    assert running[0] >= 5, "the requests were meant to share batches"
+    # the mix is what it says: the video requests with reduction on were reduced, both times
+    reduced = sum(1 for c in chats if c.video is not None and (c.options or {}).get("enabled", True))
+    assert between["requests_reduced"] - counted["requests_reduced"] == reduced == after["requests_reduced"] - between["requests_reduced"]
+    for chat, alone, batched in zip(chats, one_by_one, together, strict=True):
+        assert len(alone.token_ids) == chat.max_tokens and alone.finish_reason == "length"
+        assert (batched.text, batched.token_ids, batched.finish_reason) == (alone.text, alone.token_ids, alone.finish_reason), chat
+    assert difference <= LOGPROB_TOLERANCE
+
+
+def hang_up_after_first_chunks(client: openai.OpenAI, model: str, chat: Chat, chunks: int = 3) -> int:
+    """Stream `chat`, read `chunks` chunks, close the connection; the chunks read."""
+    stream = client.chat.completions.create(model=model, **request_body(chat))
+    read = 0
+    for _ in stream:
+        read += 1
+        if read == chunks:
+            break
+    stream.close()
+    return read
+
+
+def test_clients_hanging_up_leave_nothing_running(client, model, server, videos) -> None:
+    probe = Chat(videos[0], None, stream=False, max_tokens=16)
+    before = send(client, model, probe)
+    counted = plugin_counts(server)
+    generated = metric(server, "vllm:generation_tokens_total")
+
+    aborted = [Chat(videos[i % NUM_VIDEOS], OPTIONS[i % 3], stream=True, max_tokens=LONG) for i in range(NUM_ABORTS)]
+    start = time.monotonic()
+    with ThreadPoolExecutor(NUM_ABORTS) as pool:
+        reads = list(pool.map(lambda chat: hang_up_after_first_chunks(client, model, chat), aborted))
+    assert reads == [3] * NUM_ABORTS
+    idle_after = wait_until(lambda: metric(server, "vllm:num_requests_running") + metric(server, "vllm:num_requests_waiting") == 0, timeout=30)
+    print(f"{NUM_ABORTS} clients hung up; nothing running {time.monotonic() - start:.1f} s after they "
+          f"started ({idle_after:.1f} s after the last hung up)")  # fmt: skip
+    wait_until(lambda: metric(server, "vllm:kv_cache_usage_perc") == 0, timeout=10)  # blocks given back
+    extra_tokens = metric(server, "vllm:generation_tokens_total") - generated
+    print(f"tokens generated for the hung-up requests: {extra_tokens:.0f} (of {NUM_ABORTS * LONG} asked)")
+    assert extra_tokens < NUM_ABORTS * LONG / 10
+
+    after = send(client, model, probe)
+    assert after == before  # same text, token ids and log-probabilities, bit for bit
+    # the plugin counted each prefill once (the hung-up ones and the probe): none ran twice
+    disabled = sum(1 for chat in aborted if chat.options == {"enabled": False})
+    visual = sum(visual_tokens(server, model, chat.video) for chat in (*aborted, probe))
+    counts = {name: value - counted[name] for name, value in plugin_counts(server).items()}
+    print("plugin counts over the hung-up requests and the probe:", counts)
+    assert counts == {"requests_reduced": NUM_ABORTS - disabled + 1, "requests_unreduced": disabled, "visual_tokens": visual}
