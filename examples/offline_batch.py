@@ -18,7 +18,6 @@ sampled uniformly to `--num-frames`, as vLLM's loader does for served videos.
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -188,7 +187,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # as --plugin stateful-reduce does
     from vllm import LLM, SamplingParams
 
     llm = LLM(**engine_kwargs(args, args.reduction))

@@ -33,8 +33,8 @@ fi
 
 # --plugin stateful-reduce (also in the config file) selects the plugin's architecture for this
 #   NemotronH_Nano_VL_V2 checkpoint and sets --enforce-eager --no-enable-prefix-caching
-#   --no-enable-chunked-prefill, --max-num-batched-tokens >= --max-model-len and
-#   VLLM_USE_V2_MODEL_RUNNER=0; no --trust-remote-code: the plugin parses the config itself.
+#   --no-enable-chunked-prefill and --max-num-batched-tokens >= --max-model-len;
+#   no --trust-remote-code: the plugin parses the config itself.
 # --config: the reduction settings (25% budget by default), every option commented.
 # --trust-request-mm-kwargs: clients may set enabled / budget / evs_rate per request.
 # --limit-mm-per-prompt: one video per request (image input is not wired: HTTP 400).

@@ -112,6 +112,9 @@ def test_concurrent_requests_answer_as_sequential_ones(client, model, server, vi
           f"{statistics.median(seconds[1:]):.2f} s), together {concurrent_s:.1f} s; peak running "
           f"{running[0]:.0f}; max |d logprob| {difference:.3g}")  # fmt: skip
     assert running[0] >= 5, "the requests were meant to share batches"
+    # the server's first request (logprobs) used to pay inductor's compile of vLLM's
+    # log-prob rank op (2 s quiet, 21-24 s busy); it is compiled at start-up now
+    assert seconds[0] <= max(3.0, 10 * statistics.median(seconds[1:])), seconds
     # the mix is what it says: the video requests with reduction on were reduced, both times
     reduced = sum(1 for c in chats if c.video is not None and (c.options or {}).get("enabled", True))
     assert between["requests_reduced"] - counted["requests_reduced"] == reduced == after["requests_reduced"] - between["requests_reduced"]
