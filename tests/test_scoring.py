@@ -69,13 +69,15 @@ def test_attention_score_reference_is_the_formula() -> None:
             torch.testing.assert_close(out[r, j], want, atol=1e-7, rtol=1e-5)
 
 
-def test_mamba_b_by_segment_conv_equals_the_window_conv() -> None:
-    """B at the visual rows two ways: the whole-segment shifted conv (the hot path) and
-    the conv window of each row; three requests packed with other rows between."""
+def test_mamba_b_at_visual_rows_is_the_scan_conv() -> None:
+    """B at the visual rows (the compiled window conv) equals silu(conv1d) over each
+    request's whole segment from a zero conv state (how vLLM's CPU conv runs a fresh
+    prefill), read at those rows; three requests packed with other rows between."""
     import types
 
-    from vllm_stateful_reduce.kernels.reference import Varlen
-    from vllm_stateful_reduce.scoring import _segments_b, mamba_bc_dt
+    import torch.nn.functional as F
+
+    from vllm_stateful_reduce.scoring import _conv_channels_at
 
     g = torch.Generator().manual_seed(3)
     inner, groups, n, heads, taps = 12, 2, 4, 3, 4
@@ -83,13 +85,17 @@ def test_mamba_b_by_segment_conv_equals_the_window_conv() -> None:
     mixer = types.SimpleNamespace(
         tped_intermediate_size=inner, groups_ssm_state_size=groups * n, tp_size=1, tped_conv_size=conv, n_groups=groups,
         conv1d=types.SimpleNamespace(weight=torch.randn(conv, 1, taps, generator=g), bias=torch.randn(conv, generator=g)),
-        dt_bias=torch.randn(heads, generator=g),
     )  # fmt: skip
     projected = torch.randn(60, 2 * inner + 2 * groups * n + heads, generator=g)
     starts, lengths = [2, 20, 41], [15, 9, 19]
     visual = torch.tensor([[2, 3, 4, 10, 16], [20, 22, 28, -1, -1], [41, 45, 50, 58, 59]])
-    b = _segments_b(projected, mixer, Varlen.of(starts, lengths), visual)
     first = torch.tensor(starts)[:, None].expand_as(visual)
-    window, _, _ = mamba_bc_dt(projected, mixer, visual.clamp_min(0), first)
-    valid = visual >= 0
-    torch.testing.assert_close(b[valid], window[valid], atol=1e-6, rtol=1e-5)
+    b = _conv_channels_at(projected, mixer, "b", visual.clamp_min(0), first)  # (R, V, G, N)
+    channels = slice(inner + conv - 2 * groups * n, inner + conv - groups * n)
+    for r, (start, length) in enumerate(zip(starts, lengths)):
+        segment = projected[start : start + length, channels].T[None]  # (1, C, L) of this request
+        weight, bias = mixer.conv1d.weight[conv - 2 * groups * n : conv - groups * n], mixer.conv1d.bias[conv - 2 * groups * n : conv - groups * n]
+        scan = F.silu(F.conv1d(F.pad(segment, (taps - 1, 0)), weight, bias, groups=weight.shape[0]))[0].T  # (L, C)
+        valid = visual[r] >= 0
+        expected = scan[visual[r][valid] - start].view(-1, groups, n)
+        torch.testing.assert_close(b[r][valid], expected, atol=1e-6, rtol=1e-5)

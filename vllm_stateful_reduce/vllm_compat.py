@@ -227,7 +227,9 @@ def install_runner_glue() -> None:
 
     Once, when the runner has made its attention groups and their metadata builders
     (before it allocates the KV cache tensors): the groups, so the model makes its
-    per-stage builders now and refuses an attention backend it does not know.
+    per-stage builders now and refuses an attention backend it does not know; then the
+    model and vLLM's log-prob op compile what they would otherwise compile in the first
+    request.
 
     Before each forward, who is in the batch: per batch row, a request id stable for
     the request's life (to keep its dropped counts across decode steps), the prompt
@@ -272,6 +274,7 @@ def install_runner_glue() -> None:
         model = self.get_model()
         if hasattr(model, "bind_attention_groups"):
             model.bind_attention_groups([g for groups in self.attn_groups for g in groups])
+            model.warm_up()
             warm_up_logprob_ranks(self.model_config.get_vocab_size(), self.device)
 
     _model_forward._stateful_reduce = True
@@ -335,6 +338,7 @@ def model_state_cls() -> type:
         def prepare_attn(self, input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, *args, **kwargs):
             if not self.model.attention_groups_bound():
                 self.model.bind_attention_groups([g for groups in attn_groups for g in groups])
+                self.model.warm_up()
             rows = batch_rows(input_batch, self.prompts)
             self.model.set_batch(rows, block_tables if rows else [])
             return super().prepare_attn(input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, *args, **kwargs)

@@ -266,6 +266,13 @@ class ReducibleNemotronHModel(NemotronHModel):
 
     # ------------------------------------------------------------------ binding
 
+    def warm_up(self) -> None:
+        """Compile the Mamba scoring's fused conv for this model's dtype now (start-up)."""
+        mamba = next((l for l in self.layers if isinstance(l, NemotronHMambaDecoderLayer)), None)
+        if mamba is not None:
+            weight = mamba.mixer.conv1d.weight
+            scoring.warm_up(mamba.mixer, weight.dtype, weight.device)
+
     def bind_attention_groups(self, groups: list) -> None:
         """Take the runner's attention groups of this stack's layers and make every
         stage's metadata builders now, while the runner makes its own (before the KV
