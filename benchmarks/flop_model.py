@@ -82,7 +82,7 @@ class ModelDims:
     def from_checkpoint(cls, path: str | Path) -> "ModelDims":
         """From a VL checkpoint (its `llm_config`) or a text-only NemotronH checkpoint."""
         if "llm_config" in json.loads((Path(path) / "config.json").read_text()):
-            from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
+            from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 
             return cls.from_text_config(NemotronNanoVLConfig.from_pretrained(path).text_config)
         return cls.from_text_config(NemotronHConfig.from_pretrained(path))

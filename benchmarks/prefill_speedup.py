@@ -77,7 +77,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.flop_model import NANO_12B_V2, NANO_12B_V2_PATTERN, ModelDims, PromptTokens, reduction_ratio  # noqa: E402
-from vllm_stateful_reduce.checkpoint import CheckpointSpec, build_checkpoint, export_language_model  # noqa: E402
+from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec, build_checkpoint, export_language_model  # noqa: E402
 
 BUDGETS = (0.5, 0.35, 0.25)
 FRAME_TOKENS = 256  # 512 px frames, patch 16, pixel shuffle 0.5
@@ -165,7 +165,7 @@ def random_video(num_frames: int, seed: int):
 
 
 def video_request(video, options: dict) -> dict:
-    from vllm_stateful_reduce.tokenizer import chat_prompt
+    from vllm_stateful_reduce.testing.tokenizer import chat_prompt
 
     return {"prompt": chat_prompt(QUESTION), "multi_modal_data": {"video": video},
             "mm_processor_kwargs": {"stateful_reduce": options}}  # fmt: skip
@@ -540,7 +540,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from vllm_stateful_reduce import REQUIRED_ENGINE_ARGS
-    from vllm_stateful_reduce.model.config import IMG_CONTEXT, IMG_END
+    from vllm_stateful_reduce.model.hf_config import IMG_CONTEXT, IMG_END
 
     common = {"dtype": "bfloat16", "max_model_len": max_model_len, "max_num_batched_tokens": batched,
               "max_num_seqs": max(8, sizes["batch_size"]), "seed": 0, "disable_log_stats": False, **REQUIRED_ENGINE_ARGS}  # fmt: skip

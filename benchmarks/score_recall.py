@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from vllm_stateful_reduce.encoding import Encoder
-from vllm_stateful_reduce.reference import ReferenceNanoVL
-from vllm_stateful_reduce.tasks import TEST_SEEDS, make_example
+from vllm_stateful_reduce.testing.encoding import Encoder
+from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
+from vllm_stateful_reduce.testing.tasks import TEST_SEEDS, make_example
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
     python benchmarks/video_qa.py [--model models/video-qa-small] --json out.json --png out.png [--quick]
 
-Runs the held-out split of `vllm_stateful_reduce.tasks` with offline `LLM.generate`
+Runs the held-out split of `vllm_stateful_reduce.testing.tasks` with offline `LLM.generate`
 for each method and budget and reports exact-match accuracy:
 
   full                  all visual tokens
@@ -76,10 +76,10 @@ def main() -> None:
     from vllm_stateful_reduce import REQUIRED_ENGINE_ARGS
     from vllm_stateful_reduce.config import parse
     from vllm_stateful_reduce.media import video_metadata
-    from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
+    from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
     from vllm_stateful_reduce.schedule import build_schedule
-    from vllm_stateful_reduce.tasks import TEST_SEEDS, chance_accuracy, make_example
-    from vllm_stateful_reduce.tokenizer import chat_prompt
+    from vllm_stateful_reduce.testing.tasks import TEST_SEEDS, chance_accuracy, make_example
+    from vllm_stateful_reduce.testing.tokenizer import chat_prompt
 
     n = 80 if args.quick else args.examples
     budgets = [0.25] if args.quick else BUDGETS

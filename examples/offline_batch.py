@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from vllm_stateful_reduce import ARCHITECTURE, REQUIRED_ENGINE_ARGS
 from vllm_stateful_reduce.config import ReductionConfig, parse
-from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
+from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 from vllm_stateful_reduce.schedule import build_schedule
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "video-qa-small"

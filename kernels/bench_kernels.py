@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_stateful_reduce.kernels import reference
-from vllm_stateful_reduce.kernels.reference import Varlen
+from vllm_stateful_reduce.kernels import torch_ops
+from vllm_stateful_reduce.kernels.torch_ops import Varlen
 
 HIDDEN, HQ, HK, HEAD_DIM, GROUPS, STATE = 5120, 40, 8, 128, 8, 128  # Nemotron Nano 12B v2 VL
 QUERY_ROWS = 30  # text after the last visual token, per request
@@ -109,7 +109,7 @@ def max_error(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
-    impls: dict[str, object] = {"reference": reference}
+    impls: dict[str, object] = {"reference": torch_ops}
     if gpu:
         from vllm_stateful_reduce.kernels import triton_kernels
 
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
     cases = make_cases(tokens, device)
     results = []
     for i, case in enumerate(cases, 1):
-        expected = case.run(reference)
+        expected = case.run(torch_ops)
         for name, impl in impls.items():
             print(f"[{i}/{len(cases)}] {case.kernel} ({case.label}) {name} ...", end=" ", flush=True)
             row = {"kernel": case.kernel, "case": case.label, "impl": name, "device": device.type}

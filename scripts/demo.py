@@ -17,9 +17,9 @@ from pathlib import Path
 
 import openai
 
-from vllm_stateful_reduce.launch import running_server
-from vllm_stateful_reduce.media import video_data_url, write_video
-from vllm_stateful_reduce.tasks import KINDS, TEST_SEEDS, make_example
+from vllm_stateful_reduce.testing.launch import running_server
+from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
+from vllm_stateful_reduce.testing.tasks import KINDS, TEST_SEEDS, make_example
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "video-qa-small"

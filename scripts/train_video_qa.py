@@ -6,9 +6,9 @@
 
 (the two steps that made the committed `models/video-qa-small`).
 
-Starts from a random checkpoint built by `vllm_stateful_reduce.checkpoint` (or `--init`), trains
+Starts from a random checkpoint built by `vllm_stateful_reduce.testing.checkpoint` (or `--init`), trains
 the whole model (RADIO-style ViT, projector, NemotronH) through the plain PyTorch
-reference forward on the procedural tasks of `vllm_stateful_reduce.tasks`, with the
+reference forward on the procedural tasks of `vllm_stateful_reduce.testing.tasks`, with the
 exact token layout vLLM's processor produces, and writes a checkpoint vLLM loads with
 the plugin. Progress (loss, held-out accuracy per task) is printed as it trains.
 With `--budgets`, batches are trained under reduction: the reference's reduced forward
@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vllm_stateful_reduce.config import ReductionConfig
-from vllm_stateful_reduce.checkpoint import CheckpointSpec, build_checkpoint
-from vllm_stateful_reduce.encoding import Encoder
-from vllm_stateful_reduce.media import codec_roundtrip
-from vllm_stateful_reduce.reference import ReferenceNanoVL
-from vllm_stateful_reduce.tasks import KINDS, TEST_SEEDS, TRAIN_SEEDS, Example, make_example
+from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec, build_checkpoint
+from vllm_stateful_reduce.testing.encoding import Encoder
+from vllm_stateful_reduce.testing.video_files import codec_roundtrip
+from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
+from vllm_stateful_reduce.testing.tasks import KINDS, TEST_SEEDS, TRAIN_SEEDS, Example, make_example
 
 
 def batch_logits(model: ReferenceNanoVL, enc: Encoder, examples: list[Example], reduction: ReductionConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -18,9 +18,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from vllm_stateful_reduce import REQUIRED_ENGINE_ARGS  # noqa: E402
-from vllm_stateful_reduce.checkpoint import build_checkpoint  # noqa: E402
+from vllm_stateful_reduce.testing.checkpoint import build_checkpoint  # noqa: E402
 from vllm_stateful_reduce.media import video_metadata  # noqa: E402,F401  (used by the test modules)
-from vllm_stateful_reduce.tokenizer import chat_prompt  # noqa: E402,F401  (used by the test modules)
+from vllm_stateful_reduce.testing.tokenizer import chat_prompt  # noqa: E402,F401  (used by the test modules)
 
 MAX_MODEL_LEN = 4096
 

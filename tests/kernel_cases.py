@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from vllm_stateful_reduce.kernels import reference
-from vllm_stateful_reduce.kernels.reference import Varlen
+from vllm_stateful_reduce.kernels import torch_ops
+from vllm_stateful_reduce.kernels.torch_ops import Varlen
 
 GAP = 2  # unused rows between segments
 DEVICE = torch.device(os.environ.get("VSR_KERNEL_DEVICE", "cpu"))
@@ -82,8 +82,8 @@ def test_gather_rows(triton_kernels, rows, shape, picks, dtype) -> None:
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, *shape, generator=g).to(dtype).to(DEVICE)
     index = torch.randint(0, rows, (picks,), generator=g).to(DEVICE)
-    assert torch.equal(triton_kernels.gather_rows(x, index), reference.gather_rows(x, index))
-    assert torch.equal(triton_kernels.gather_rows(x, index.int()), reference.gather_rows(x, index))
+    assert torch.equal(triton_kernels.gather_rows(x, index), torch_ops.gather_rows(x, index))
+    assert torch.equal(triton_kernels.gather_rows(x, index.int()), torch_ops.gather_rows(x, index))
 
 
 # Tolerance rtol 2e-6, atol 1e-8. Measured (TRITON_INTERPRET=1, CPU; scores 7e-4..0.45) max |error| /
@@ -113,7 +113,7 @@ def _attention_inputs(name: str, seed: int = 0):
 def test_attention_scores(triton_kernels, name) -> None:
     q, k, p, scale = _attention_inputs(name)
     ours = triton_kernels.attention_scores(q, k, p.queries, p.keys, p.v_rows, scale)
-    ref = reference.attention_scores(q, k, p.queries, p.keys, p.v_rows, scale)
+    ref = torch_ops.attention_scores(q, k, p.queries, p.keys, p.v_rows, scale)
     assert ours.dtype == torch.float32 and ours.shape == p.v_rows.shape
     assert torch.equal(ours[p.v_rows < 0], torch.zeros_like(ours[p.v_rows < 0]))
     assert torch.allclose(ours, ref, rtol=2e-6, atol=1e-8), (ours - ref).abs().max()
@@ -151,7 +151,7 @@ def _mamba_inputs(name: str, seed: int = 0):
 def test_mamba_scores(triton_kernels, name) -> None:
     c, b, w, p = _mamba_inputs(name)
     ours = triton_kernels.mamba_scores(c, b, w, p.queries, p.v_rows)
-    ref = reference.mamba_scores(c, b, w, p.queries, p.v_rows)
+    ref = torch_ops.mamba_scores(c, b, w, p.queries, p.v_rows)
     assert ours.dtype == torch.float32 and ours.shape == p.v_rows.shape
     assert torch.equal(ours[p.v_rows < 0], torch.zeros_like(ours[p.v_rows < 0]))
     assert torch.allclose(ours, ref, rtol=2e-6, atol=1e-8), (ours - ref).abs().max()

@@ -12,8 +12,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from vllm_stateful_reduce.launch import running_server
-from vllm_stateful_reduce.model.config import IMG_CONTEXT
+from vllm_stateful_reduce.testing.launch import running_server
+from vllm_stateful_reduce.model.hf_config import IMG_CONTEXT
 
 
 @contextmanager

@@ -134,7 +134,7 @@ def test_reduced_prefill_syncs_do_not_grow_with_requests(llm) -> None:
 # A Triton kernel cannot take a host pointer, and the CPU build cannot show a device
 # mix-up by failing: so every tensor the kernel entry points receive during a reduced
 # forward is checked against the hidden states' device (and index / data dtypes).
-# The references and the Triton kernels share these signatures (kernels/reference.py).
+# torch_ops and the Triton kernels share these signatures (kernels/torch_ops.py).
 
 KERNEL_ENTRY_POINTS = ("attention_scores", "mamba_scores", "gather_rows")
 
@@ -144,11 +144,11 @@ def auditing_kernel_inputs():
     """Yields a list of (entry point, argument name, device, dtype) of every tensor passed."""
     import inspect
 
-    from vllm_stateful_reduce.kernels import reference
-    from vllm_stateful_reduce.kernels.reference import Varlen
+    from vllm_stateful_reduce.kernels import torch_ops
+    from vllm_stateful_reduce.kernels.torch_ops import Varlen
 
     seen: list[tuple[str, str, torch.device, torch.dtype]] = []
-    saved = {name: getattr(reference, name) for name in KERNEL_ENTRY_POINTS}
+    saved = {name: getattr(torch_ops, name) for name in KERNEL_ENTRY_POINTS}
 
     def audited(name, original):
         signature = inspect.signature(original)
@@ -165,11 +165,11 @@ def auditing_kernel_inputs():
 
     try:
         for name, original in saved.items():
-            setattr(reference, name, audited(name, original))
+            setattr(torch_ops, name, audited(name, original))
         yield seen
     finally:
         for name, original in saved.items():
-            setattr(reference, name, original)
+            setattr(torch_ops, name, original)
 
 
 def test_kernel_inputs_live_on_the_hidden_states_device(llm) -> None:

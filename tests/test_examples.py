@@ -22,11 +22,11 @@ import pytest
 import yaml
 
 from vllm_stateful_reduce.config import ReductionConfig, parse
-from vllm_stateful_reduce.encoding import Encoder
-from vllm_stateful_reduce.launch import running_server
-from vllm_stateful_reduce.media import read_video, write_video
-from vllm_stateful_reduce.reference import ReferenceNanoVL
-from vllm_stateful_reduce.tasks import KINDS, TEST_SEEDS, Example, make_example
+from vllm_stateful_reduce.testing.encoding import Encoder
+from vllm_stateful_reduce.testing.launch import running_server
+from vllm_stateful_reduce.testing.video_files import read_video, write_video
+from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
+from vllm_stateful_reduce.testing.tasks import KINDS, TEST_SEEDS, Example, make_example
 
 from .conftest import random_video
 

@@ -14,11 +14,11 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from vllm_stateful_reduce.checkpoint import CheckpointSpec
+from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec
 from vllm_stateful_reduce.config import parse
-from vllm_stateful_reduce.launch import running_server
-from vllm_stateful_reduce.media import video_data_url, write_video
-from vllm_stateful_reduce.model.config import IMG_CONTEXT
+from vllm_stateful_reduce.testing.launch import running_server
+from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
+from vllm_stateful_reduce.model.hf_config import IMG_CONTEXT
 from vllm_stateful_reduce.schedule import build_schedule
 
 from .conftest import random_video

@@ -9,10 +9,10 @@ import pytest
 import torch
 from vllm import LLM, SamplingParams
 
-from vllm_stateful_reduce.checkpoint import export_language_model
-from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
+from vllm_stateful_reduce.testing.checkpoint import export_language_model
+from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 from vllm_stateful_reduce.model.processing import frames_to_pixel_values
-from vllm_stateful_reduce.reference import ReferenceNanoVL
+from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
 
 from .conftest import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
 

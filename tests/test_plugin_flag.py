@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from vllm_stateful_reduce import ARCHITECTURE
-from vllm_stateful_reduce.launch import plugin_flag_command, running_server
-from vllm_stateful_reduce.media import video_data_url
+from vllm_stateful_reduce.testing.launch import plugin_flag_command, running_server
+from vllm_stateful_reduce.testing.video_files import video_data_url
 from vllm_stateful_reduce.vllm_compat import PluginFlagError
 
 from .conftest import MAX_MODEL_LEN

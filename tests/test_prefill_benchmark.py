@@ -24,7 +24,7 @@ from benchmarks.flop_model import (
     scan_flops,
     visual_per_block,
 )
-from vllm_stateful_reduce.checkpoint import CheckpointSpec
+from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec
 from vllm_stateful_reduce.config import parse
 from vllm_stateful_reduce.schedule import build_schedule
 
@@ -93,7 +93,7 @@ def test_flop_model_matches_the_counter_on_transformers_nemotron_h(tokens: int) 
 
 
 def test_flop_model_dims_of_a_built_checkpoint(tmp_path: Path) -> None:
-    from vllm_stateful_reduce.checkpoint import build_checkpoint, export_language_model
+    from vllm_stateful_reduce.testing.checkpoint import build_checkpoint, export_language_model
 
     checkpoint = build_checkpoint(tmp_path / "vl", TINY)
     dims = ModelDims.from_checkpoint(checkpoint)

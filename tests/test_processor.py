@@ -6,13 +6,13 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
+from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 from vllm_stateful_reduce.model.processing import (
     NanoVLVideoPreprocessor,
     frames_to_pixel_values,
 )
 
-from vllm_stateful_reduce.reference import ReferenceNanoVL
+from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
 
 from .conftest import chat_prompt, random_video, video_metadata
 

@@ -10,9 +10,9 @@ import pytest
 from vllm import LLM, SamplingParams
 
 from vllm_stateful_reduce.config import parse
-from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
+from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 from vllm_stateful_reduce.model.processing import frames_to_pixel_values
-from vllm_stateful_reduce.reference import ReferenceNanoVL
+from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
 from vllm_stateful_reduce.schedule import build_schedule, stage_sizes
 
 from .conftest import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata

@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from vllm_stateful_reduce.launch import running_server
-from vllm_stateful_reduce.media import video_data_url, write_video
+from vllm_stateful_reduce.testing.launch import running_server
+from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
 from .conftest import random_video
 from .test_server import real_layout_checkpoint, video_part  # noqa: F401  (fixture)

@@ -46,7 +46,7 @@ def test_padded_rows_normalise_like_each_request_alone() -> None:
 def test_attention_score_reference_is_the_formula() -> None:
     """The reference kernel against the definition written out per query row and head:
     two requests, GQA, causal question rows at the end, padding."""
-    from vllm_stateful_reduce.kernels.reference import Varlen, attention_scores
+    from vllm_stateful_reduce.kernels.torch_ops import Varlen, attention_scores
 
     g = torch.Generator().manual_seed(2)
     hq, hk, d = 6, 2, 8
@@ -74,7 +74,7 @@ def test_mamba_b_by_segment_conv_equals_the_window_conv() -> None:
     the conv window of each row; three requests packed with other rows between."""
     import types
 
-    from vllm_stateful_reduce.kernels.reference import Varlen
+    from vllm_stateful_reduce.kernels.torch_ops import Varlen
     from vllm_stateful_reduce.scoring import _segments_b, mamba_bc_dt
 
     g = torch.Generator().manual_seed(3)

@@ -18,8 +18,8 @@ import openai
 import pytest
 import requests
 
-from vllm_stateful_reduce.launch import free_port, running_server, serve_command
-from vllm_stateful_reduce.media import video_data_url, write_video
+from vllm_stateful_reduce.testing.launch import free_port, running_server, serve_command
+from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
 from .conftest import random_video
 

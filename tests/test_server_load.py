@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import openai
 import pytest
 
-from vllm_stateful_reduce.media import video_data_url, write_video
+from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
 from .conftest import random_video
 from .server_requests import (

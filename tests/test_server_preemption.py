@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from vllm_stateful_reduce.media import video_data_url, write_video
+from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
 from .conftest import random_video
 from .server_requests import Chat, max_logprob_difference, metric, plugin_counts, send, send_together, server_with_metrics

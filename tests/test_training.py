@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from vllm_stateful_reduce.config import ReductionConfig
-from vllm_stateful_reduce.encoding import Encoder
-from vllm_stateful_reduce.media import codec_roundtrip
-from vllm_stateful_reduce.reference import ReferenceNanoVL
-from vllm_stateful_reduce.tasks import KINDS, TEST_SEEDS, make_example
+from vllm_stateful_reduce.testing.encoding import Encoder
+from vllm_stateful_reduce.testing.video_files import codec_roundtrip
+from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
+from vllm_stateful_reduce.testing.tasks import KINDS, TEST_SEEDS, make_example
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "video-qa-small"

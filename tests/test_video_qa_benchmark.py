@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vllm_stateful_reduce.tasks import KINDS
+from vllm_stateful_reduce.testing.tasks import KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "video-qa-small"

@@ -22,7 +22,7 @@ import torch
 from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
 
 from .config import ReductionConfig
-from .kernels.reference import Varlen
+from .kernels.torch_ops import Varlen
 from .schedule import Schedule
 from .state import RequestInfo
 

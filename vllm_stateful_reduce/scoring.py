@@ -16,8 +16,8 @@ slice of the heads / groups, so partial sums are all-reduced before anyone picks
 import torch
 import torch.nn.functional as F
 
-from .kernels import reference
-from .kernels.reference import Varlen
+from .kernels import torch_ops
+from .kernels.torch_ops import Varlen
 
 try:  # Triton is optional: the CPU build runs the references
     from .kernels import triton_kernels
@@ -26,7 +26,7 @@ except Exception:  # pragma: no cover - depends on the install
 
 
 def kernels_for(x: torch.Tensor):
-    return triton_kernels if (x.is_cuda and triton_kernels is not None) else reference
+    return triton_kernels if (x.is_cuda and triton_kernels is not None) else torch_ops
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:

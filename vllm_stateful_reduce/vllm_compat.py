@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig
 from vllm.exceptions import VLLMValidationError
 
-from .model.config import MODEL_TYPE, NemotronNanoVLConfig
+from .model.hf_config import MODEL_TYPE, NemotronNanoVLConfig
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -33,7 +33,7 @@ from .. import vllm_compat
 from ..log import describe
 from ..plan import VisualTokens
 from ..state import RequestInfo, RunnerBatch
-from .config import IMG_END, NemotronNanoVLConfig, radio_config_from
+from .hf_config import IMG_END, NemotronNanoVLConfig, radio_config_from
 from .reduced_stack import ReducibleNemotronHForCausalLM
 from .processing import NanoVLDummyInputsBuilder, NanoVLMultiModalProcessor, NanoVLProcessingInfo
 

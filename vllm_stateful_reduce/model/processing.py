@@ -30,7 +30,7 @@ from vllm.multimodal.processing.processor import (
 from ..config import CONFIG_KEY
 from ..media import video_metadata
 from ..vllm_compat import check_request_options
-from .config import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER, NemotronNanoVLConfig
+from .hf_config import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER, NemotronNanoVLConfig
 
 
 # Per-request reduction options travel as a per-video tensor, one value per field of

@@ -12,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .model.config import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER
+from ..model.hf_config import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"  # ids 0, 1, 2 as NemotronH's config expects
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from .media import video_metadata
-from .model.config import NemotronNanoVLConfig
-from .model.processing import NanoVLVideoPreprocessor, frames_to_pixel_values
+from ..media import video_metadata
+from ..model.hf_config import NemotronNanoVLConfig
+from ..model.processing import NanoVLVideoPreprocessor, frames_to_pixel_values
 from .tasks import Example
 from .tokenizer import chat_prompt
 

@@ -14,8 +14,8 @@ checkpoints built here); the real model interpolates position embeddings (CPE).
 
 from pathlib import Path
 
-from .config import ReductionConfig
-from .schedule import SCORING_KINDS, boundary_blocks, build_schedule
+from ..config import ReductionConfig
+from ..schedule import SCORING_KINDS, boundary_blocks, build_schedule
 
 import torch
 import torch.nn.functional as F

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import ARCHITECTURE
+from .. import ARCHITECTURE
 
 # CLI form of REQUIRED_ENGINE_ARGS.
 REQUIRED_SERVE_FLAGS = ["--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill"]

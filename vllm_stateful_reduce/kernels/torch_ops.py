@@ -2,7 +2,7 @@
 
 The scoring kernels take a varlen batch: the reducing requests of one step, packed
 row after row. `Varlen` says where each request's rows are, with host copies for
-Python loops (these references) and a device copy for kernels (Triton), both made
+Python loops (these torch ops) and a device copy for kernels (Triton), both made
 when the step is planned, so neither implementation reads the device to find out.
 """
 
