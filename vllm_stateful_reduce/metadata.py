@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from vllm.v1.attention.backend import CommonAttentionMetadata
-from vllm.v1.attention.backends.mamba_attn import BaseMambaAttentionMetadataBuilder
 from vllm.v1.attention.backends.utils import compute_causal_conv1d_metadata
 
 from .plan import DevicePlan, StepPlan
+from .vllm_compat import mamba_chunk_metadata
 
 # per stage: layer name -> (metadata, slot mapping or None)
 StageMetadata = dict[str, tuple[object, torch.Tensor | None]]
@@ -105,8 +105,7 @@ def mamba_metadata(meta, plan: StepPlan, device_plan: DevicePlan, stage: int):
     decodes = meta.num_decodes
     qsl = plan.query_start_loc(stage)
     qsl_p = qsl[decodes:] - qsl[decodes]
-    # host arrays: vLLM's helper reads them row by row
-    cu_chunk, seq_idx, last_chunk, _ = BaseMambaAttentionMetadataBuilder._compute_chunk_metadata(
+    cu_chunk, seq_idx, last_chunk = mamba_chunk_metadata(
         meta.chunk_size, meta.num_prefills, plan.num_computed[stage][decodes:], qsl_p
     )
     device = meta.query_start_loc_p.device

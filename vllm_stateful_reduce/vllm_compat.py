@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from unittest import mock
 
+import numpy as np
 import torch
 from transformers import AutoConfig
 from vllm.exceptions import VLLMValidationError
@@ -436,6 +437,61 @@ def mamba_forward_with_projection(mixer, hidden_states: torch.Tensor) -> tuple[t
     gate = projected[..., : mixer.tped_intermediate_size]
     output, _ = mixer.out_proj(mixer.norm(ssm_output, gate))
     return output, projected
+
+
+# ------------------------------------------------------------- model-side private helpers
+#
+# Underscore-named vLLM helpers the model, processor and metadata code call (checked
+# against vLLM 0.32): named here so an upgrade reviews them in one place.
+
+
+def mamba_chunk_metadata(
+    chunk_size: int, num_prefills: int, num_computed_p: np.ndarray, query_start_loc_p: np.ndarray
+) -> tuple[list[int], list[int], list[int]]:
+    """(cu_chunk_seqlen, seq_idx, last_chunk_indices) of the prefill rows, host lists, from
+    `BaseMambaAttentionMetadataBuilder._compute_chunk_metadata` (vLLM 0.32, mamba_attn.py;
+    it reads the arrays row by row, so they stay on the host)."""
+    from vllm.v1.attention.backends.mamba_attn import BaseMambaAttentionMetadataBuilder
+
+    cu_chunk, seq_idx, last_chunk, _ = BaseMambaAttentionMetadataBuilder._compute_chunk_metadata(
+        chunk_size, num_prefills, num_computed_p, query_start_loc_p
+    )
+    return cu_chunk, seq_idx, last_chunk
+
+
+def install_layer_metadata(layers: Mapping[str, tuple[object, torch.Tensor | None]]) -> None:
+    """Replace layers' attention metadata (and slot mappings, where given) in the current
+    forward context: vLLM 0.32's layers look both up by layer name at call time."""
+    from vllm.forward_context import get_forward_context
+
+    ctx = get_forward_context()
+    for name, (meta, slots) in layers.items():
+        ctx.attn_metadata[name] = meta
+        if slots is not None:
+            ctx.slot_mapping[name] = slots
+
+
+def expected_hidden_size(info) -> int | None:
+    """The embedding width vLLM checks user-given multimodal embeddings against (None when
+    they are off): `BaseProcessingInfo._get_expected_hidden_size` (vLLM 0.32, context.py)."""
+    return info._get_expected_hidden_size()
+
+
+def dummy_videos(builder, *, width: int, height: int, num_frames: int, num_videos: int) -> list[np.ndarray]:
+    """Profiling videos: `BaseDummyInputsBuilder._get_dummy_videos` (vLLM 0.32, dummy_inputs.py)."""
+    return builder._get_dummy_videos(width=width, height=height, num_frames=num_frames, num_videos=num_videos)
+
+
+def language_model_part(model, vllm_config: "VllmConfig"):
+    """Context marking the modules assigned inside as the language model:
+    `SupportsMultiModal._mark_language_model` (vLLM 0.32, interfaces.py)."""
+    return model._mark_language_model(vllm_config)
+
+
+def tower_model_part(model, vllm_config: "VllmConfig", modality: str):
+    """Context marking the modules assigned inside as the encoder of `modality`:
+    `SupportsMultiModal._mark_tower_model` (vLLM 0.32, interfaces.py)."""
+    return model._mark_tower_model(vllm_config, modality)
 
 
 # ------------------------------------------------------------- `--plugin stateful-reduce`

@@ -79,12 +79,12 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
         )
         text_vllm_config = vllm_config.with_hf_config(config.text_config, architectures=["NemotronHForCausalLM"])
         language_prefix = maybe_prefix(prefix, "language_model")
-        with self._mark_language_model(vllm_config), set_current_vllm_config(text_vllm_config, prefix=language_prefix):
+        with vllm_compat.language_model_part(self, vllm_config), set_current_vllm_config(text_vllm_config, prefix=language_prefix):
             self.language_model = ReducibleNemotronHForCausalLM(
                 vllm_config=text_vllm_config, prefix=language_prefix, visual_tokens=visual_tokens
             )
         dtype = vllm_config.model_config.dtype
-        with self._mark_tower_model(vllm_config, "video"):
+        with vllm_compat.tower_model_part(self, vllm_config, "video"):
             self.vision_model = RadioModel(config=radio_config_from(config)).to(dtype)
             shuffled = config.vit_hidden_size * int(round(1 / self.downsample_ratio)) ** 2
             self.mlp1 = nn.Sequential(

@@ -29,7 +29,7 @@ from vllm.multimodal.processing.processor import (
 
 from ..config import CONFIG_KEY
 from ..media import video_metadata
-from ..vllm_compat import check_request_options
+from ..vllm_compat import check_request_options, dummy_videos, expected_hidden_size
 from .hf_config import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER, NemotronNanoVLConfig
 
 
@@ -178,7 +178,7 @@ class NanoVLProcessingInfo(BaseProcessingInfo):
 
     def get_data_parser(self) -> MultiModalDataParser:
         return MultiModalDataParser(
-            video_needs_metadata=True, expected_hidden_size=self._get_expected_hidden_size()
+            video_needs_metadata=True, expected_hidden_size=expected_hidden_size(self)
         )
 
     def frame_token_cost(self) -> int:
@@ -204,8 +204,8 @@ class NanoVLDummyInputsBuilder(BaseDummyInputsBuilder[NanoVLProcessingInfo]):
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: Any = None) -> dict:
         size = self.info.get_hf_config().force_image_size
         num_frames = self.info.get_num_frames_with_most_features(seq_len, mm_counts)
-        videos = self._get_dummy_videos(
-            width=size, height=size, num_frames=num_frames, num_videos=mm_counts.get("video", 0)
+        videos = dummy_videos(
+            self, width=size, height=size, num_frames=num_frames, num_videos=mm_counts.get("video", 0)
         )
         return {"video": [(video, video_metadata(num_frames)) for video in videos]}
 

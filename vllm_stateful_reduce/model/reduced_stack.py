@@ -40,7 +40,7 @@ from ..schedule import SCORING_KINDS, Schedule, boundary_blocks, build_schedule
 from ..selection import Kept, compact, top_k
 from ..state import ReductionState, RunnerBatch
 from ..timing import PhaseTimer
-from ..vllm_compat import attention_backend_problem, nemotron_h_stack, stage_builders
+from ..vllm_compat import attention_backend_problem, install_layer_metadata, nemotron_h_stack, stage_builders
 from .layers import SCORED_LAYER_TYPES
 
 logger = init_logger(__name__)
@@ -248,13 +248,8 @@ class ReducibleNemotronHModel(NemotronHModel):
         """Put a stage's metadata in the forward context for every layer. (None: the
         runner's layout stands; only stages before the first change can be None, since
         rows and keys per request never grow with depth.)"""
-        if stage_md is None:
-            return
-        ctx = get_forward_context()
-        for name, (meta, slots) in stage_md.items():
-            ctx.attn_metadata[name] = meta
-            if slots is not None:
-                ctx.slot_mapping[name] = slots
+        if stage_md is not None:
+            install_layer_metadata(stage_md)
 
     def _record_kept(self, plan: StepPlan, history: list[torch.Tensor]) -> None:
         """Prompt positions of the visual tokens kept at each stage (one device read)."""
