@@ -70,15 +70,22 @@ def make_cases(tokens: int, device: torch.device) -> list[Case]:
         queries, keys, v_rows = _segments(tokens, requests, device)
         q, c = randn(requests * QUERY_ROWS, HQ, HEAD_DIM), randn(requests * QUERY_ROWS, GROUPS, STATE)
         label = f"{requests} req, {tokens} keys, {v_rows.numel()} scored"
-        cases.append(Case(
-            "attention_scores", label,
-            lambda m, q=q, queries=queries, keys=keys, v_rows=v_rows: m.attention_scores(
-                q, k, queries, keys, v_rows, HEAD_DIM**-0.5),
-        ))  # fmt: skip
-        cases.append(Case(
-            "mamba_scores", label,
-            lambda m, c=c, queries=queries, v_rows=v_rows: m.mamba_scores(c, b, weight, queries, v_rows),
-        ))  # fmt: skip
+        cases.append(
+            Case(
+                "attention_scores",
+                label,
+                lambda m, q=q, queries=queries, keys=keys, v_rows=v_rows: m.attention_scores(
+                    q, k, queries, keys, v_rows, HEAD_DIM**-0.5
+                ),
+            )
+        )
+        cases.append(
+            Case(
+                "mamba_scores",
+                label,
+                lambda m, c=c, queries=queries, v_rows=v_rows: m.mamba_scores(c, b, weight, queries, v_rows),
+            )
+        )
     return cases
 
 
@@ -126,11 +133,14 @@ def run(args: argparse.Namespace) -> dict:
         for name, impl in impls.items():
             print(f"[{i}/{len(cases)}] {case.kernel} ({case.label}) {name} ...", end=" ", flush=True)
             row = {"kernel": case.kernel, "case": case.label, "impl": name, "device": device.type}
-            row |= time_ms(lambda: case.run(impl), args.reps, args.warmup, device)
+            row |= time_ms(lambda case=case, impl=impl: case.run(impl), args.reps, args.warmup, device)
             if name != "reference":
                 row |= max_error(case.run(impl), expected)
-            print(f"median {row['median_ms']:.3f} ms (min {row['min_ms']:.3f}, max {row['max_ms']:.3f})"
-                  + (f", max abs err {row['max_abs_err']:.2e}" if "max_abs_err" in row else ""), flush=True)  # fmt: skip
+            print(
+                f"median {row['median_ms']:.3f} ms (min {row['min_ms']:.3f}, max {row['max_ms']:.3f})"
+                + (f", max abs err {row['max_abs_err']:.2e}" if "max_abs_err" in row else ""),
+                flush=True,
+            )
             results.append(row)
     return {
         "gpu": gpu,

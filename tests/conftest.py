@@ -18,8 +18,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from vllm_stateful_reduce import REQUIRED_ENGINE_ARGS  # noqa: E402
-from vllm_stateful_reduce.testing.checkpoint import build_checkpoint  # noqa: E402
 from vllm_stateful_reduce.media import video_metadata  # noqa: E402,F401  (used by the test modules)
+from vllm_stateful_reduce.testing.checkpoint import build_checkpoint  # noqa: E402
 from vllm_stateful_reduce.testing.tokenizer import chat_prompt  # noqa: E402,F401  (used by the test modules)
 
 MAX_MODEL_LEN = 4096
@@ -42,7 +42,11 @@ def engine_kwargs(checkpoint: Path, **overrides) -> dict:
         "seed": 0,
         **REQUIRED_ENGINE_ARGS,
         # kernels/gpu_check.py: float32 on a GPU needs a backend that has it
-        **({"attention_backend": os.environ["VSR_TEST_ATTENTION_BACKEND"]} if "VSR_TEST_ATTENTION_BACKEND" in os.environ else {}),
+        **(
+            {"attention_backend": os.environ["VSR_TEST_ATTENTION_BACKEND"]}
+            if "VSR_TEST_ATTENTION_BACKEND" in os.environ
+            else {}
+        ),
         **overrides,
     }
 

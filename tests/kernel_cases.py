@@ -57,27 +57,32 @@ def _packed(nk: tuple[int, ...], nq: tuple[int, ...], g: torch.Generator) -> Pac
     q_starts, _ = _segments(nq)
     k_starts, _ = _segments(nk)
     picks = []
-    for r, (k0, n) in enumerate(zip(k_starts, nk)):
+    for r, (k0, n) in enumerate(zip(k_starts, nk, strict=True)):
         count = n if r == 0 else int(torch.randint(1, n + 1, (), generator=g))
         picks.append(k0 + torch.sort(torch.randperm(n, generator=g)[:count]).values)
     width = max(len(p) for p in picks) + 3  # every request gets some padding
     v_rows = torch.full((len(nk), width), -1, dtype=torch.int64)
     for r, p in enumerate(picks):
         v_rows[r, : len(p)] = p
-    whole = tuple(len(p) == n for p, n in zip(picks, nk))
-    return Packed(Varlen.of(q_starts, list(nq), DEVICE), Varlen.of(k_starts, list(nk), DEVICE), v_rows.to(DEVICE), whole)
+    whole = tuple(len(p) == n for p, n in zip(picks, nk, strict=True))
+    return Packed(
+        Varlen.of(q_starts, list(nq), DEVICE), Varlen.of(k_starts, list(nk), DEVICE), v_rows.to(DEVICE), whole
+    )
 
 
 def _randn(rows: int, heads: int, dim: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
     return torch.randn(rows, heads, dim, generator=g).to(dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("rows,shape,picks,dtype", [
-    (37, (3, 5), 6, torch.float32),
-    (1, (7,), 1, torch.float32),
-    (129, (2, 300), 64, torch.float32),
-    (50, (5120,), 33, torch.bfloat16),  # a hidden state row of the real model
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "rows,shape,picks,dtype",
+    [
+        (37, (3, 5), 6, torch.float32),
+        (1, (7,), 1, torch.float32),
+        (129, (2, 300), 64, torch.float32),
+        (50, (5120,), 33, torch.bfloat16),  # a hidden state row of the real model
+    ],
+)
 def test_gather_rows(triton_kernels, rows, shape, picks, dtype) -> None:
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, *shape, generator=g).to(dtype).to(DEVICE)
@@ -178,7 +183,9 @@ def test_scores_of_strided_views(triton_kernels) -> None:
     )
     assert torch.equal(ours, triton_kernels.attention_scores(q, k, p.queries, p.keys, p.v_rows, scale))
     c, b, w, p = _mamba_inputs("odd", seed=2)
-    ours = triton_kernels.mamba_scores(_strided(c), _strided(b), _strided(w), _strided_varlen(p.queries), _strided(p.v_rows))
+    ours = triton_kernels.mamba_scores(
+        _strided(c), _strided(b), _strided(w), _strided_varlen(p.queries), _strided(p.v_rows)
+    )
     assert torch.equal(ours, triton_kernels.mamba_scores(c, b, w, p.queries, p.v_rows))
 
 

@@ -24,7 +24,6 @@ import torch
 from vllm import LLM, SamplingParams
 
 import vllm_stateful_reduce
-
 from vllm_stateful_reduce.model.reduced_stack import ReducibleNemotronHModel
 
 from .conftest import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
@@ -96,7 +95,10 @@ def requests(count: int, options: dict | None) -> list[dict]:
     out = []
     for i in range(count):
         video = random_video(12 + 4 * i, seed=10 + i)
-        req = {"prompt": chat_prompt("What is in the video?"), "multi_modal_data": {"video": (video, video_metadata(len(video)))}}
+        req = {
+            "prompt": chat_prompt("What is in the video?"),
+            "multi_modal_data": {"video": (video, video_metadata(len(video)))},
+        }
         if options is not None:
             req["mm_processor_kwargs"] = {"stateful_reduce": options}
         out.append(req)
@@ -211,7 +213,10 @@ def test_kernel_inputs_live_on_the_hidden_states_device(llm) -> None:
         else:
             assert dtype.is_floating_point, (name, arg, dtype)
     assert tables and all(t[:2] == (device, device) and t[2] == torch.int64 for t in tables), tables
-    print(f"{len(seen)} kernel inputs in {len(called)} entry points and {len(tables)} stage block tables / slot mappings, all on {device}")
+    print(
+        f"{len(seen)} kernel inputs in {len(called)} entry points and {len(tables)} stage block tables / slot "
+        f"mappings, all on {device}"
+    )
 
 
 # ---------------------------------------------------------------- Model Runner V2
@@ -258,11 +263,20 @@ def test_model_runner_v2_state_hands_the_model_the_v1_batch(llm) -> None:
     assert type(state) is model_state_cls()
     for index, (req_id, *_rest) in enumerate(v1_rows):
         record = records[req_id]
-        state.add_request(index, NewRequestData(
-            req_id=req_id, prompt_token_ids=record.prompt_token_ids, mm_features=record.mm_features,
-            sampling_params=record.sampling_params, pooling_params=None, block_ids=record.block_ids,
-            num_computed_tokens=0, lora_request=None, prefill_token_ids=record.prompt_token_ids,
-        ))  # fmt: skip
+        state.add_request(
+            index,
+            NewRequestData(
+                req_id=req_id,
+                prompt_token_ids=record.prompt_token_ids,
+                mm_features=record.mm_features,
+                sampling_params=record.sampling_params,
+                pooling_params=None,
+                block_ids=record.block_ids,
+                num_computed_tokens=0,
+                lora_request=None,
+                prefill_token_ids=record.prompt_token_ids,
+            ),
+        )
     scheduled = np.array([r[4] for r in v1_rows], dtype=np.int32)
     buffers = InputBuffers(max_num_reqs=4, max_num_tokens=int(scheduled.sum()), device=runner.device)
     batch = dataclasses.replace(

@@ -41,7 +41,9 @@ def kept_by_request(llm) -> dict:
 
 def test_preempted_requests_recompute_to_the_same_tokens(llm) -> None:
     videos = [random_video(16, seed=10 + i) for i in range(4)]
-    prompts = [{"prompt": chat_prompt("What moves?"), "multi_modal_data": {"video": (v, video_metadata(16))}} for v in videos]
+    prompts = [
+        {"prompt": chat_prompt("What moves?"), "multi_modal_data": {"video": (v, video_metadata(16))}} for v in videos
+    ]
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     before = preemptions(llm)
     together = llm.generate(prompts, params)

@@ -11,7 +11,6 @@ from vllm_stateful_reduce.model.processing import (
     NanoVLVideoPreprocessor,
     frames_to_pixel_values,
 )
-
 from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
 
 from .conftest import chat_prompt, random_video, video_metadata
@@ -25,7 +24,11 @@ def pil_reference(frames: np.ndarray, size: int) -> np.ndarray:
         [
             np.stack(
                 [
-                    np.asarray(Image.fromarray(frame[..., c].astype(np.float32), mode="F").resize((size, size), Image.Resampling.BICUBIC))
+                    np.asarray(
+                        Image.fromarray(frame[..., c].astype(np.float32), mode="F").resize(
+                            (size, size), Image.Resampling.BICUBIC
+                        )
+                    )
                     for c in range(3)
                 ]
             )
@@ -42,7 +45,9 @@ def reference(checkpoint) -> ReferenceNanoVL:
 
 @pytest.fixture(scope="module")
 def processor(checkpoint) -> NanoVLVideoPreprocessor:
-    return NanoVLVideoPreprocessor(NemotronNanoVLConfig.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint))
+    return NanoVLVideoPreprocessor(
+        NemotronNanoVLConfig.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
+    )
 
 
 # downscale, upscale, identity, odd aspect; the real 512 px frame size too

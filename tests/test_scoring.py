@@ -36,10 +36,8 @@ def test_padded_rows_normalise_like_each_request_alone() -> None:
         assert torch.all(out[~valid] == 0)
         for r, n in enumerate(lengths):
             row = scores[r, :n]
-            if how == "sum":
-                want = row / row.sum()
-            else:
-                want = (row - row.mean()) / row.std() if n > 1 else torch.zeros(n)
+            zscore = (row - row.mean()) / row.std() if n > 1 else torch.zeros(n)
+            want = row / row.sum() if how == "sum" else zscore
             torch.testing.assert_close(out[r, :n], want, atol=1e-6, rtol=1e-5)
 
 
@@ -81,10 +79,16 @@ def test_mamba_b_by_segment_conv_equals_the_window_conv() -> None:
     inner, groups, n, heads, taps = 12, 2, 4, 3, 4
     conv = inner + 2 * groups * n
     mixer = types.SimpleNamespace(
-        tped_intermediate_size=inner, groups_ssm_state_size=groups * n, tp_size=1, tped_conv_size=conv, n_groups=groups,
-        conv1d=types.SimpleNamespace(weight=torch.randn(conv, 1, taps, generator=g), bias=torch.randn(conv, generator=g)),
+        tped_intermediate_size=inner,
+        groups_ssm_state_size=groups * n,
+        tp_size=1,
+        tped_conv_size=conv,
+        n_groups=groups,
+        conv1d=types.SimpleNamespace(
+            weight=torch.randn(conv, 1, taps, generator=g), bias=torch.randn(conv, generator=g)
+        ),
         dt_bias=torch.randn(heads, generator=g),
-    )  # fmt: skip
+    )
     projected = torch.randn(60, 2 * inner + 2 * groups * n + heads, generator=g)
     starts, lengths = [2, 20, 41], [15, 9, 19]
     visual = torch.tensor([[2, 3, 4, 10, 16], [20, 22, 28, -1, -1], [41, 45, 50, 58, 59]])

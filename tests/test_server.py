@@ -68,9 +68,11 @@ def client(server):
 def ask(client, part: dict, question: str = "What is shown?"):
     model = client.models.list().data[0].id
     return client.chat.completions.create(
-        model=model, max_tokens=6, temperature=0.0,
+        model=model,
+        max_tokens=6,
+        temperature=0.0,
         messages=[{"role": "user", "content": [part, {"type": "text", "text": question}]}],
-    )  # fmt: skip
+    )
 
 
 def video_part(url: str) -> dict:
@@ -118,13 +120,19 @@ def test_per_request_reduction_options(client, server, media) -> None:
 
     def chat(options):
         return client.chat.completions.create(
-            model=model, max_tokens=4, temperature=0.0,
+            model=model,
+            max_tokens=4,
+            temperature=0.0,
             messages=[{"role": "user", "content": [part, {"type": "text", "text": "Where is it?"}]}],
             extra_body={"mm_processor_kwargs": {"stateful_reduce": options}},
-        )  # fmt: skip
+        )
 
     assert chat({"budget": 0.5, "enabled": True}).choices[0].message.content is not None
-    for bad, field in (({"budget": 2}, "budget"), ({"schedule": "step"}, "schedule"), ({"enabled": "maybe"}, "enabled")):
+    for bad, field in (
+        ({"budget": 2}, "budget"),
+        ({"schedule": "step"}, "schedule"),
+        ({"enabled": "maybe"}, "enabled"),
+    ):
         with pytest.raises(openai.BadRequestError) as err:
             chat(bad)
         assert err.value.status_code == 400 and field in str(err.value.message), err.value.message
@@ -149,8 +157,13 @@ INVALID_OPTIONS = {
 
 
 def chat_body(model: str, content, options) -> dict:
-    return {"model": model, "max_tokens": 4, "temperature": 0.0, "messages": [{"role": "user", "content": content}],
-            "mm_processor_kwargs": {"stateful_reduce": options}}  # fmt: skip
+    return {
+        "model": model,
+        "max_tokens": 4,
+        "temperature": 0.0,
+        "messages": [{"role": "user", "content": content}],
+        "mm_processor_kwargs": {"stateful_reduce": options},
+    }
 
 
 @pytest.mark.parametrize("with_video", [True, False], ids=["1MB-video", "text-only"])
@@ -162,14 +175,20 @@ def test_invalid_options_are_a_short_400_naming_the_field(client, server, media,
     for case, (options, expected) in INVALID_OPTIONS.items():
         body = chat_body(model, content, options)
         if case == "budget NaN":  # not JSON: the openai client refuses to send it
-            response = requests.post(server + "/v1/chat/completions", data=json.dumps(body),
-                                     headers={"Content-Type": "application/json"}, timeout=60)  # fmt: skip
+            response = requests.post(
+                server + "/v1/chat/completions",
+                data=json.dumps(body),
+                headers={"Content-Type": "application/json"},
+                timeout=60,
+            )
             status, raw = response.status_code, response.content
             message = response.json()["error"]["message"]
         else:
             with pytest.raises(openai.BadRequestError) as err:
-                client.chat.completions.create(**{k: v for k, v in body.items() if k != "mm_processor_kwargs"},
-                                               extra_body={"mm_processor_kwargs": body["mm_processor_kwargs"]})  # fmt: skip
+                client.chat.completions.create(
+                    **{k: v for k, v in body.items() if k != "mm_processor_kwargs"},
+                    extra_body={"mm_processor_kwargs": body["mm_processor_kwargs"]},
+                )
             status, raw, message = err.value.status_code, err.value.response.content, str(err.value.message)
         print(f"{case}: {status} ({len(raw)} bytes) {message}")
         assert status == 400, case
@@ -195,9 +214,11 @@ def test_plugin_logs_reach_the_server_output(client, server, server_log, media) 
     model = client.models.list().data[0].id
     for _ in range(2):
         out = client.chat.completions.create(
-            model=model, max_tokens=2, messages=[{"role": "user", "content": [part, {"type": "text", "text": "Where?"}]}],
+            model=model,
+            max_tokens=2,
+            messages=[{"role": "user", "content": [part, {"type": "text", "text": "Where?"}]}],
             extra_body={"mm_processor_kwargs": {"stateful_reduce": {"budget": 0.05}}},
-        )  # fmt: skip
+        )
         assert out.choices[0].finish_reason
     deadline = time.monotonic() + 10
     while len(log_lines(server_log, unreduced)) == before and time.monotonic() < deadline:

@@ -35,7 +35,12 @@ def test_refuses_settings_that_split_or_compile_a_prompt(checkpoint, overrides, 
 
 @pytest.mark.parametrize(
     "reduction,field",
-    [({"budget": 1.5}, "budget"), ({"schedule": "cosine"}, "schedule"), ({"budget": 0.05}, "budget"), ({"bugdet": 0.3}, "bugdet")],
+    [
+        ({"budget": 1.5}, "budget"),
+        ({"schedule": "cosine"}, "schedule"),
+        ({"budget": 0.05}, "budget"),
+        ({"bugdet": 0.3}, "bugdet"),
+    ],
 )
 def test_refuses_bad_reduction_config_by_field(checkpoint, reduction, field) -> None:
     """Invalid or (for this block layout) unreachable settings fail before any process starts."""

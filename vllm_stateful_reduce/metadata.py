@@ -19,6 +19,7 @@ recomputed with the builder's own helpers; state indices and decode fields stay.
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +41,8 @@ class StageBuilders:
     not share one, nor use the runner's; they are made when the runner makes its own
     (`vllm_compat.stage_builders`), before the KV cache tensors are allocated."""
 
-    group: object  # vllm's AttentionGroup, the runner's: layers, KV-cache group, kernel blocks
-    builders: tuple[object, ...]  # builders[j] builds stage j
+    group: Any  # vllm's AttentionGroup, the runner's: layers, KV-cache group, kernel blocks
+    builders: tuple[Any, ...]  # builders[j] builds stage j (vLLM metadata builders)
 
     @property
     def layer_names(self) -> list[str]:
@@ -67,7 +68,9 @@ def logical_positions(plan: StepPlan, device_plan: DevicePlan, stage: int) -> tu
     return request, first[request] + offset
 
 
-def logical_slots(block_table: torch.Tensor, request: torch.Tensor, logical: torch.Tensor, block_size: int) -> torch.Tensor:
+def logical_slots(
+    block_table: torch.Tensor, request: torch.Tensor, logical: torch.Tensor, block_size: int
+) -> torch.Tensor:
     blocks = block_table[request, logical // block_size]
     return (blocks.long() * block_size + logical % block_size).to(torch.int64)
 

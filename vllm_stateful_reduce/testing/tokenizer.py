@@ -53,7 +53,9 @@ def default_corpus() -> list[str]:
     return frames + [words] * 20 + [str(n) for n in range(1000)]
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 512, corpus: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    out_dir: Path, vocab_size: int = 512, corpus: Iterable[str] | None = None
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `corpus` and save it as an HF fast tokenizer."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -16,7 +16,7 @@ def write_video(frames: np.ndarray, path: str | Path, fps: float = 2.0) -> Path:
     path = Path(path)
     fourcc = {".mp4": "mp4v", ".avi": "MJPG"}[path.suffix]
     height, width = frames.shape[1:3]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (width, height))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*fourcc), fps, (width, height))
     if not writer.isOpened():
         raise RuntimeError(f"OpenCV cannot write {path}")
     for frame in frames:
@@ -47,4 +47,3 @@ def video_data_url(path: str | Path) -> str:
     """A `data:video/...;base64,` URL for an OpenAI `video_url` content part."""
     mime = mimetypes.guess_type(str(path))[0] or "video/mp4"
     return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
-
