@@ -26,7 +26,9 @@ from vllm import LLM, SamplingParams
 import vllm_stateful_reduce
 from vllm_stateful_reduce.model.reduced_stack import ReducibleNemotronHModel
 
-from .conftest import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+from .helpers import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 GLOBAL = {"min_keep": 4}
 SYNCING_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")

@@ -28,7 +28,7 @@ from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
 from vllm_stateful_reduce.testing.tasks import KINDS, TEST_SEEDS, Example, make_example
 from vllm_stateful_reduce.testing.video_files import read_video, write_video
 
-from .conftest import random_video
+from .helpers import random_video
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -111,6 +111,7 @@ def batch_run(videos, tmp_path_factory):
     return names, [json.loads(line) for line in out.read_text().splitlines()], done.stderr
 
 
+@pytest.mark.engine
 def test_batch_job_answers_every_video_like_the_reference(batch_run, videos, reference_answers) -> None:
     names, lines, stderr = batch_run
     _, examples = videos
@@ -228,6 +229,7 @@ def client_answers(server_url: str, videos, *options: str) -> dict[str, str]:
     return answers
 
 
+@pytest.mark.engine
 def test_client_default_budget_off_switch_and_per_request_budget(server, videos, reference_answers, batch_run) -> None:
     url, _ = server
     answers = {
@@ -251,6 +253,7 @@ def test_client_default_budget_off_switch_and_per_request_budget(server, videos,
     assert answers[f"--budget {BATCH_BUDGET}"][0] == {line["video"]: line["answer"] for line in lines[:-1]}
 
 
+@pytest.mark.engine
 def test_client_per_request_option_reaches_the_model(server, videos) -> None:
     """A budget the 13-block model cannot reach is served unreduced and logged: the option
     got through `extra_body` to the model (a valid one changes no answer of this robust model)."""
@@ -264,6 +267,7 @@ def test_client_per_request_option_reaches_the_model(server, videos) -> None:
     assert "served unreduced: infeasible: budget: 0.05" in log.read_text()
 
 
+@pytest.mark.engine
 def test_client_reports_a_refused_request(server, videos) -> None:
     url, _ = server
     folder, examples = videos
@@ -277,6 +281,7 @@ def test_client_reports_a_refused_request(server, videos) -> None:
     assert outside.returncode == 1 and "--allowed-local-media-path" in outside.stderr, outside.stderr
 
 
+@pytest.mark.engine
 def test_server_started_with_the_scripts_settings(server) -> None:
     _, log = server
     text = log.read_text()

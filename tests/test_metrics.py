@@ -21,7 +21,9 @@ from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec
 from vllm_stateful_reduce.testing.launch import running_server
 from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
-from .conftest import random_video
+from .helpers import random_video
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 PREFIX = "vllm:stateful_reduce_"
 QUESTION = "What happens in this video?"

@@ -12,9 +12,10 @@ from vllm import LLM, SamplingParams
 from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 from vllm_stateful_reduce.model.processing import frames_to_pixel_values
 from vllm_stateful_reduce.testing.checkpoint import export_language_model
-from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
 
-from .conftest import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+from .helpers import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +23,6 @@ def llm(checkpoint):
     llm = LLM(**engine_kwargs(checkpoint, additional_config={"stateful_reduce": {"enabled": False}}))
     yield llm
     shutdown(llm)
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint) -> ReferenceNanoVL:
-    return ReferenceNanoVL(checkpoint)
 
 
 def video_request(question: str, *videos: np.ndarray) -> dict:

@@ -11,7 +11,7 @@ from vllm_stateful_reduce import log
 from vllm_stateful_reduce.config import ConfigError, parse, request_overrides
 from vllm_stateful_reduce.vllm_compat import RequestError, check_request_options
 
-from .conftest import engine_kwargs
+from .helpers import engine_kwargs
 
 
 @pytest.mark.parametrize(
@@ -67,6 +67,7 @@ def test_request_errors_are_vllm_400s_and_value_errors() -> None:
     assert len(json.dumps(body.model_dump())) < 300
 
 
+@pytest.mark.engine
 def test_server_default_options_are_checked_at_start_up(checkpoint) -> None:
     kwargs = engine_kwargs(checkpoint, mm_processor_kwargs={"stateful_reduce": {"budget": 0}})
     kwargs.pop("seed")

@@ -16,8 +16,7 @@ from vllm_stateful_reduce.testing.launch import plugin_flag_command, running_ser
 from vllm_stateful_reduce.testing.video_files import video_data_url
 from vllm_stateful_reduce.vllm_compat import PluginFlagError
 
-from .conftest import MAX_MODEL_LEN
-from .test_server import ask, media, real_layout_checkpoint, video_part  # noqa: F401  (fixtures)
+from .helpers import MAX_MODEL_LEN, ask, video_part
 
 FLAG = "--plugin stateful-reduce"
 
@@ -115,7 +114,8 @@ def test_refuses_another_architecture(serve_parser, tmp_path) -> None:
         args.create_engine_config()
 
 
-def test_card_command_serves_a_video(real_layout_checkpoint, media, tmp_path) -> None:  # noqa: F811
+@pytest.mark.engine
+def test_card_command_serves_a_video(real_layout_checkpoint, media, tmp_path) -> None:
     """`python -m vllm_stateful_reduce serve --model M --plugin stateful-reduce` + CPU-only settings."""
     log_path = tmp_path / "serve.log"
     extra = ["--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", str(MAX_MODEL_LEN)]

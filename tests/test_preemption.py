@@ -9,7 +9,9 @@ the request served alone.
 import pytest
 from vllm import LLM, SamplingParams
 
-from .conftest import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+from .helpers import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 MAX_TOKENS = 160
 

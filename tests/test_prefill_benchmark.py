@@ -183,6 +183,7 @@ def test_attention_core_counts_causal_pairs() -> None:
     assert prefill_flops(dims, PromptTokens(0, 10, 5)).attention == 6 * attention_core_flops(dims, 10)
 
 
+@pytest.mark.engine
 def test_quick_run_end_to_end(tmp_path: Path) -> None:
     """The script at its smallest (two engines, ~2 min): every configuration measured,
     the summary complete and sane."""

@@ -11,9 +11,8 @@ from vllm_stateful_reduce.model.processing import (
     NanoVLVideoPreprocessor,
     frames_to_pixel_values,
 )
-from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
 
-from .conftest import chat_prompt, random_video, video_metadata
+from .helpers import chat_prompt, random_video, video_metadata
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -36,11 +35,6 @@ def pil_reference(frames: np.ndarray, size: int) -> np.ndarray:
         ]
     )
     return (out / 255.0 - np.reshape(MEAN, (1, 3, 1, 1))) / np.reshape(STD, (1, 3, 1, 1))
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint) -> ReferenceNanoVL:
-    return ReferenceNanoVL(checkpoint)
 
 
 @pytest.fixture(scope="module")

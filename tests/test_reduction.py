@@ -15,9 +15,10 @@ from vllm_stateful_reduce.config import parse
 from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 from vllm_stateful_reduce.model.processing import frames_to_pixel_values
 from vllm_stateful_reduce.schedule import build_schedule, stage_sizes
-from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
 
-from .conftest import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+from .helpers import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 GLOBAL = {"min_keep": 4}
 DECODE_TOKENS = 16
@@ -28,11 +29,6 @@ def llm(checkpoint):
     llm = LLM(**engine_kwargs(checkpoint, additional_config={"stateful_reduce": GLOBAL}))
     yield llm
     shutdown(llm)
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint) -> ReferenceNanoVL:
-    return ReferenceNanoVL(checkpoint)
 
 
 @pytest.fixture(scope="module")

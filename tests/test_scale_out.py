@@ -24,8 +24,9 @@ import pytest
 from vllm_stateful_reduce.testing.launch import running_server
 from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
-from .conftest import random_video
-from .test_server import real_layout_checkpoint, video_part  # noqa: F401  (fixture)
+from .helpers import random_video, video_part
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 QUESTIONS = ("What is shown?", "Which colour comes first?", "How many squares?", "What moves?")
 COMMON = ["--dtype", "float32", "--gpu-memory-utilization", "0.1"]
@@ -69,7 +70,7 @@ def reduced_per_engine(url: str) -> dict[str, float]:
     return {re.search(r'engine="(\d+)"', labels).group(1): float(value) for labels, value in found}
 
 
-def test_data_parallel_2_serves_as_one_engine(real_layout_checkpoint, videos, tmp_path, monkeypatch) -> None:  # noqa: F811
+def test_data_parallel_2_serves_as_one_engine(real_layout_checkpoint, videos, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per engine on this 2-core machine
     with running_server(
         real_layout_checkpoint, log_path=tmp_path / "dp2.log", extra=[*COMMON, "--data-parallel-size", "2"], timeout=400

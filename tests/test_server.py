@@ -9,41 +9,19 @@ import base64
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 
-import cv2
 import openai
 import pytest
 import requests
 
 from vllm_stateful_reduce.testing.launch import free_port, running_server, serve_command
-from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
+from vllm_stateful_reduce.testing.video_files import video_data_url
 
-from .conftest import random_video
+from .helpers import ask, video_part
 
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    root = tmp_path_factory.mktemp("media")
-    write_video(random_video(6, seed=1), root / "ok.mp4", fps=2.0)
-    empty = cv2.VideoWriter(str(root / "empty.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 2.0, (96, 80))
-    empty.release()  # a container with zero frames
-    write_video(random_video(60, 240, 320, seed=2), root / "big.mp4", fps=2.0)  # noise: ~1 MB as MPEG-4
-    assert (root / "big.mp4").stat().st_size > 900_000
-    return root
-
-
-@pytest.fixture(scope="module")
-def real_layout_checkpoint(checkpoint, tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("real-layout")
-    shutil.copytree(checkpoint, ckpt, dirs_exist_ok=True)
-    config = json.loads((ckpt / "config.json").read_text())
-    config["architectures"] = ["NemotronH_Nano_VL_V2"]
-    config["auto_map"] = {"AutoConfig": "configuration.NemotronH_Nano_VL_V2_Config"}  # not shipped
-    (ckpt / "config.json").write_text(json.dumps(config))
-    return ckpt
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 
 @pytest.fixture(scope="module")
@@ -63,20 +41,6 @@ def server(real_layout_checkpoint, media, server_log):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
-
-
-def ask(client, part: dict, question: str = "What is shown?"):
-    model = client.models.list().data[0].id
-    return client.chat.completions.create(
-        model=model,
-        max_tokens=6,
-        temperature=0.0,
-        messages=[{"role": "user", "content": [part, {"type": "text", "text": question}]}],
-    )
-
-
-def video_part(url: str) -> dict:
-    return {"type": "video_url", "video_url": {"url": url}}
 
 
 def test_video_by_data_url_and_by_local_file(client, media) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
-from .conftest import random_video
+from .helpers import random_video
 from .server_requests import (
     Chat,
     max_logprob_difference,
@@ -32,6 +32,8 @@ from .server_requests import (
     visual_tokens,
     wait_until,
 )
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 NUM_VIDEOS = 3
 # per-request options: None sends none (the server's default, reduced at 25%)

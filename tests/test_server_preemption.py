@@ -15,7 +15,7 @@ import pytest
 
 from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
-from .conftest import random_video
+from .helpers import random_video
 from .server_requests import (
     Chat,
     max_logprob_difference,
@@ -25,6 +25,8 @@ from .server_requests import (
     send_together,
     server_with_metrics,
 )
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 MAX_TOKENS = 160
 NUM_BLOCKS = 12  # of 128 tokens

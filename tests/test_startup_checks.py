@@ -3,7 +3,9 @@
 import pytest
 from vllm.engine.arg_utils import EngineArgs
 
-from .conftest import engine_kwargs
+from .helpers import engine_kwargs
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 
 def make_config(checkpoint, **overrides):

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from vllm_stateful_reduce.testing.tasks import KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +32,7 @@ def run_quick(script: str, tmp_path: Path, timeout: float) -> tuple[dict, str]:
     return json.loads(out_json.read_text()), run.stdout
 
 
+@pytest.mark.engine
 def test_quick_benchmark_on_the_trained_model(tmp_path) -> None:
     report, stdout = run_quick("video_qa.py", tmp_path, timeout=900)
     s = report["summary"]
