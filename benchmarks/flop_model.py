@@ -72,17 +72,25 @@ class ModelDims:
     @classmethod
     def from_text_config(cls, c: NemotronHConfig) -> "ModelDims":
         return cls(
-            pattern=c.hybrid_override_pattern, hidden=c.hidden_size, attention_heads=c.num_attention_heads,
-            kv_heads=c.num_key_value_heads, head_dim=c.head_dim, mamba_heads=c.mamba_num_heads,
-            mamba_head_dim=c.mamba_head_dim, state=c.ssm_state_size, groups=c.n_groups,
-            conv_kernel=c.conv_kernel, ffn=c.intermediate_size, chunk_size=c.chunk_size,
-        )  # fmt: skip
+            pattern=c.hybrid_override_pattern,
+            hidden=c.hidden_size,
+            attention_heads=c.num_attention_heads,
+            kv_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            mamba_heads=c.mamba_num_heads,
+            mamba_head_dim=c.mamba_head_dim,
+            state=c.ssm_state_size,
+            groups=c.n_groups,
+            conv_kernel=c.conv_kernel,
+            ffn=c.intermediate_size,
+            chunk_size=c.chunk_size,
+        )
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "ModelDims":
         """From a VL checkpoint (its `llm_config`) or a text-only NemotronH checkpoint."""
         if "llm_config" in json.loads((Path(path) / "config.json").read_text()):
-            from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
+            from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 
             return cls.from_text_config(NemotronNanoVLConfig.from_pretrained(path).text_config)
         return cls.from_text_config(NemotronHConfig.from_pretrained(path))
@@ -114,9 +122,19 @@ class ModelDims:
 
 # NVIDIA Nemotron Nano 12B v2 (the language model of Nano 12B v2 VL).
 NANO_12B_V2 = ModelDims(
-    pattern=NANO_12B_V2_PATTERN, hidden=5120, attention_heads=40, kv_heads=8, head_dim=128,
-    mamba_heads=128, mamba_head_dim=80, state=128, groups=8, conv_kernel=4, ffn=20480, chunk_size=128,
-)  # fmt: skip
+    pattern=NANO_12B_V2_PATTERN,
+    hidden=5120,
+    attention_heads=40,
+    kv_heads=8,
+    head_dim=128,
+    mamba_heads=128,
+    mamba_head_dim=80,
+    state=128,
+    groups=8,
+    conv_kernel=4,
+    ffn=20480,
+    chunk_size=128,
+)
 
 
 @dataclass(frozen=True)
@@ -193,13 +211,13 @@ def visual_per_block(pattern: str, prompt: PromptTokens, config: ReductionConfig
     schedule = build_schedule(pattern, config)
     counts = schedule.keep_counts(entering_visual(prompt, config), config.min_keep)
     sizes = stage_sizes(len(pattern), schedule.boundaries)
-    return [k for k, size in zip(counts, sizes) for _ in range(size)]
+    return [k for k, size in zip(counts, sizes, strict=True) for _ in range(size)]
 
 
 def prefill_flops(dims: ModelDims, prompt: PromptTokens, config: ReductionConfig | None = None) -> Flops:
     """FLOPs of the whole prefill (unreduced when `config` is None)."""
     total = Flops(0.0, 0.0, 0.0)
-    for kind, visual in zip(dims.pattern, visual_per_block(dims.pattern, prompt, config)):
+    for kind, visual in zip(dims.pattern, visual_per_block(dims.pattern, prompt, config), strict=True):
         total = total + block_flops(dims, kind, prompt.text + visual)
     return total
 

@@ -77,7 +77,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.flop_model import NANO_12B_V2, NANO_12B_V2_PATTERN, ModelDims, PromptTokens, reduction_ratio  # noqa: E402
-from vllm_stateful_reduce.checkpoint import CheckpointSpec, build_checkpoint, export_language_model  # noqa: E402
+from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec, build_checkpoint, export_language_model  # noqa: E402
 
 BUDGETS = (0.5, 0.35, 0.25)
 FRAME_TOKENS = 256  # 512 px frames, patch 16, pixel shuffle 0.5
@@ -85,11 +85,28 @@ FRAME_TEXT_BOUND = 40  # prompt tokens of one frame's text wrapper, generous (13
 QUESTION = "What happens in the video? Describe each event in order."
 PHASES = ("plan", "metadata", "scoring", "selection", "compaction")
 SPEC = CheckpointSpec(
-    pattern=NANO_12B_V2_PATTERN, hidden_size=320, num_attention_heads=10, num_key_value_heads=2, head_dim=32,
-    intermediate_size=1280, mamba_num_heads=20, mamba_head_dim=32, ssm_state_size=64, n_groups=4,
-    conv_kernel=4, chunk_size=128, image_size=512, patch_size=16, vit_hidden_size=32, vit_layers=1,
-    vit_heads=2, vit_mlp=64, projector_hidden_size=256, max_position_embeddings=65536, seed=0,
-)  # fmt: skip
+    pattern=NANO_12B_V2_PATTERN,
+    hidden_size=320,
+    num_attention_heads=10,
+    num_key_value_heads=2,
+    head_dim=32,
+    intermediate_size=1280,
+    mamba_num_heads=20,
+    mamba_head_dim=32,
+    ssm_state_size=64,
+    n_groups=4,
+    conv_kernel=4,
+    chunk_size=128,
+    image_size=512,
+    patch_size=16,
+    vit_hidden_size=32,
+    vit_layers=1,
+    vit_heads=2,
+    vit_mlp=64,
+    projector_hidden_size=256,
+    max_position_embeddings=65536,
+    seed=0,
+)
 # Sizes per mode; an explicit command-line value wins.
 FULL = {"lengths": [4096, 8192, 16384, 32768], "reps": 2, "decode_length": 16384, "decode_tokens": 64,
         "batch_length": 8192, "batch_size": 4, "tax_length": 8192}  # fmt: skip
@@ -160,15 +177,20 @@ def random_video(num_frames: int, seed: int):
 
     from vllm_stateful_reduce.media import video_metadata
 
-    frames = np.random.default_rng(seed).integers(0, 256, (num_frames, SPEC.image_size, SPEC.image_size, 3), dtype=np.uint8)
+    frames = np.random.default_rng(seed).integers(
+        0, 256, (num_frames, SPEC.image_size, SPEC.image_size, 3), dtype=np.uint8
+    )
     return frames, video_metadata(num_frames)
 
 
 def video_request(video, options: dict) -> dict:
-    from vllm_stateful_reduce.tokenizer import chat_prompt
+    from vllm_stateful_reduce.testing.tokenizer import chat_prompt
 
-    return {"prompt": chat_prompt(QUESTION), "multi_modal_data": {"video": video},
-            "mm_processor_kwargs": {"stateful_reduce": options}}  # fmt: skip
+    return {
+        "prompt": chat_prompt(QUESTION),
+        "multi_modal_data": {"video": video},
+        "mm_processor_kwargs": {"stateful_reduce": options},
+    }
 
 
 def stats(values: list[float]) -> dict:
@@ -208,8 +230,12 @@ def measure_prefill(llm, timers: Timers, request, sampling) -> dict:
     start = time.perf_counter()
     out = llm.generate([request], sampling, use_tqdm=False)[0]
     ttft = time.perf_counter() - start
-    return {"ttft": ttft, "engine": engine_prefill_seconds(out), **prefill_figures(timers.read()),
-            "prompt_token_ids": out.prompt_token_ids}  # fmt: skip
+    return {
+        "ttft": ttft,
+        "engine": engine_prefill_seconds(out),
+        **prefill_figures(timers.read()),
+        "prompt_token_ids": out.prompt_token_ids,
+    }
 
 
 def prompt_tokens(token_ids: list[int], visual_id: int, end_length: int) -> PromptTokens:
@@ -217,7 +243,9 @@ def prompt_tokens(token_ids: list[int], visual_id: int, end_length: int) -> Prom
     last video's closing `</img>`)."""
     visual = [i for i, t in enumerate(token_ids) if t == visual_id]
     query = len(token_ids) - (visual[-1] + 1 + end_length) if visual else 0
-    return PromptTokens(visual=len(visual), text=len(token_ids) - len(visual), query=query, tokens_per_frame=FRAME_TOKENS)
+    return PromptTokens(
+        visual=len(visual), text=len(token_ids) - len(visual), query=query, tokens_per_frame=FRAME_TOKENS
+    )
 
 
 def run_sweep(llm, timers: Timers, sizes: dict, configs: dict, split_prompt, started: float) -> tuple[dict, dict]:
@@ -236,8 +264,11 @@ def run_sweep(llm, timers: Timers, sizes: dict, configs: dict, split_prompt, sta
                 prompts[length] = split_prompt(m.pop("prompt_token_ids"))
                 raw[length][name].append(m)
                 fwd = f", LM forward {m['forward']:.2f} s" if m["forward"] is not None else ""
-                print(f"[rep {rep + 1}/{sizes['reps']}] {length:>6} visual tokens {name:<13} TTFT {m['ttft']:7.2f} s "
-                      f"(engine {m['engine']:.2f} s{fwd})  [{time.monotonic() - started:.0f} s]", flush=True)  # fmt: skip
+                print(
+                    f"[rep {rep + 1}/{sizes['reps']}] {length:>6} visual tokens {name:<13} TTFT {m['ttft']:7.2f} s "
+                    f"(engine {m['engine']:.2f} s{fwd})  [{time.monotonic() - started:.0f} s]",
+                    flush=True,
+                )
     return raw, prompts
 
 
@@ -248,13 +279,22 @@ def summarise_length(raw: dict[str, list[dict]], prompt: PromptTokens, dims: Mod
     off = raw["off"]
     out = {}
     for name, runs in raw.items():
-        entry = {key: stats([r[key] for r in runs]) if runs[0][key] is not None else None for key in ("ttft", "engine", "forward")}
-        entry["overhead_fraction"] = stats([r["overhead_fraction"] for r in runs]) if runs[0]["overhead_fraction"] is not None else None
+        entry = {
+            key: stats([r[key] for r in runs]) if runs[0][key] is not None else None
+            for key in ("ttft", "engine", "forward")
+        }
+        entry["overhead_fraction"] = (
+            stats([r["overhead_fraction"] for r in runs]) if runs[0]["overhead_fraction"] is not None else None
+        )
         entry["phases"] = [r["phases"] for r in runs]
         if name != "off":
             config = parse(configs[name])
             for key, label in (("ttft", "speedup"), ("engine", "speedup_engine"), ("forward", "speedup_forward")):
-                entry[label] = stats([o[key] / r[key] for o, r in zip(off, runs)]) if runs[0][key] is not None else None
+                entry[label] = (
+                    stats([o[key] / r[key] for o, r in zip(off, runs, strict=True)])
+                    if runs[0][key] is not None
+                    else None
+                )
             entry["flop_ratio"] = reduction_ratio(dims, prompt, config)
             entry["flop_ratio_12b"] = reduction_ratio(NANO_12B_V2, prompt, config)
             entry["efficiency"] = entry["speedup"]["median"] / entry["flop_ratio"]["total"]
@@ -283,15 +323,20 @@ def measure_decode(llm, timers: Timers, sizes: dict, started: float) -> dict:
             decode_steps = timers.read()[1:]
             if decode_steps:
                 step_forward[name].append(statistics.median(s["forward"] for s in decode_steps))
-            print(f"[decode {rep + 1}/{sizes['reps']}] {name:<8} {1000 * per_token[name][-1]:.1f} ms/token over {generated} "
-                  f"tokens  [{time.monotonic() - started:.0f} s]", flush=True)  # fmt: skip
-    ratios = [r / o for o, r in zip(per_token["off"], per_token["ours_25"])]
+            print(
+                f"[decode {rep + 1}/{sizes['reps']}] {name:<8} {1000 * per_token[name][-1]:.1f} ms/token over "
+                f"{generated} "
+                f"tokens  [{time.monotonic() - started:.0f} s]",
+                flush=True,
+            )
+    ratios = [r / o for o, r in zip(per_token["off"], per_token["ours_25"], strict=True)]
     return {
-        "visual_tokens": sizes["decode_length"], "output_tokens": n,
+        "visual_tokens": sizes["decode_length"],
+        "output_tokens": n,
         "seconds_per_token": {k: stats(v) for k, v in per_token.items()},
         "lm_forward_per_step": {k: stats(v) if v else None for k, v in step_forward.items()},
         "ratio_reduced_to_off": stats(ratios),
-    }  # fmt: skip
+    }
 
 
 def generate_together(llm, requests: list, sampling) -> list:
@@ -315,7 +360,10 @@ def measure_batch(llm, timers: Timers, sizes: dict, started: float) -> dict:
     sampling = SamplingParams(max_tokens=1, temperature=0.0)
     results = {"off": [], "ours_25": []}
     for rep in range(sizes["reps"]):
-        videos = [random_video(sizes["batch_length"] // FRAME_TOKENS, seed=9_000_000 + 100 * rep + i) for i in range(sizes["batch_size"])]
+        videos = [
+            random_video(sizes["batch_length"] // FRAME_TOKENS, seed=9_000_000 + 100 * rep + i)
+            for i in range(sizes["batch_size"])
+        ]
         for name, options in (("off", {"enabled": False}), ("ours_25", {"budget": 0.25})):
             timers.clear()
             start = time.perf_counter()
@@ -325,22 +373,34 @@ def measure_batch(llm, timers: Timers, sizes: dict, started: float) -> dict:
             tokens = sum(len(o.prompt_token_ids) for o in outs)
             first = {o.metrics.first_token_ts for o in outs}
             span = max(first) - min(o.metrics.scheduled_ts for o in outs)
-            results[name].append({
-                "wall": wall, "engine_span": span, "prompt_tokens": tokens, "tokens_per_second": tokens / span,
-                "one_step": len(first) == 1,
-                "forwards": [{"requests": s["requests"], "rows": s["rows"], "forward": s["forward"]} for s in steps] or None,
-            })  # fmt: skip
+            results[name].append(
+                {
+                    "wall": wall,
+                    "engine_span": span,
+                    "prompt_tokens": tokens,
+                    "tokens_per_second": tokens / span,
+                    "one_step": len(first) == 1,
+                    "forwards": [{"requests": s["requests"], "rows": s["rows"], "forward": s["forward"]} for s in steps]
+                    or None,
+                }
+            )
             r = results[name][-1]
-            print(f"[batch {rep + 1}/{sizes['reps']}] {name:<8} {sizes['batch_size']} x {sizes['batch_length']} visual tokens: "
-                  f"{r['engine_span']:.2f} s scheduled -> first tokens, {r['tokens_per_second']:.0f} prompt tokens/s, "
-                  f"one step: {r['one_step']}  [{time.monotonic() - started:.0f} s]", flush=True)  # fmt: skip
-    speedups = [o["engine_span"] / r["engine_span"] for o, r in zip(results["off"], results["ours_25"])]
+            print(
+                f"[batch {rep + 1}/{sizes['reps']}] {name:<8} {sizes['batch_size']} x {sizes['batch_length']} visual "
+                "tokens: "
+                f"{r['engine_span']:.2f} s scheduled -> first tokens, {r['tokens_per_second']:.0f} prompt tokens/s, "
+                f"one step: {r['one_step']}  [{time.monotonic() - started:.0f} s]",
+                flush=True,
+            )
+    speedups = [o["engine_span"] / r["engine_span"] for o, r in zip(results["off"], results["ours_25"], strict=True)]
     return {
-        "requests": sizes["batch_size"], "visual_tokens_each": sizes["batch_length"], "runs": results,
+        "requests": sizes["batch_size"],
+        "visual_tokens_each": sizes["batch_length"],
+        "runs": results,
         "engine_span": {k: stats([r["engine_span"] for r in v]) for k, v in results.items()},
         "throughput_speedup": stats(speedups),
         "all_prefilled_in_one_step": all(r["one_step"] for v in results.values() for r in v),
-    }  # fmt: skip
+    }
 
 
 def measure_tax(plugin_llm, make_intree, sizes: dict, vocab: range, started: float) -> dict:
@@ -352,7 +412,10 @@ def measure_tax(plugin_llm, make_intree, sizes: dict, vocab: range, started: flo
 
     sampling = SamplingParams(max_tokens=1, temperature=0.0)
     rng = np.random.default_rng(5)
-    prompts = [TokensPrompt(prompt_token_ids=rng.integers(vocab.start, vocab.stop, sizes["tax_length"]).tolist()) for _ in range(sizes["reps"])]
+    prompts = [
+        TokensPrompt(prompt_token_ids=rng.integers(vocab.start, vocab.stop, sizes["tax_length"]).tolist())
+        for _ in range(sizes["reps"])
+    ]
     # one full-length prompt per engine first: the first long prefill after the second
     # engine started was up to 2x slower here (both times measured)
     warm = TokensPrompt(prompt_token_ids=rng.integers(vocab.start, vocab.stop, sizes["tax_length"]).tolist())
@@ -365,8 +428,11 @@ def measure_tax(plugin_llm, make_intree, sizes: dict, vocab: range, started: flo
     times = {"plugin": [], "intree": []}
     try:
         intree, coexist = make_intree(), True
-    except Exception as err:  # noqa: BLE001 - any start-up failure: fall back to one engine at a time
-        print(f"[tax] a second engine could not start next to the first ({err!r}); running them one after another", flush=True)
+    except Exception as err:  # any start-up failure: fall back to one engine at a time
+        print(
+            f"[tax] a second engine could not start next to the first ({err!r}); running them one after another",
+            flush=True,
+        )
         intree, coexist = None, False
     if coexist:
         ttft(plugin_llm, warm)
@@ -374,7 +440,11 @@ def measure_tax(plugin_llm, make_intree, sizes: dict, vocab: range, started: flo
         for prompt in prompts:
             for name, llm in (("plugin", plugin_llm), ("intree", intree)):
                 times[name].append(ttft(llm, prompt))
-                print(f"[tax] {name:<7} {sizes['tax_length']} text tokens: {times[name][-1][0]:.2f} s  [{time.monotonic() - started:.0f} s]", flush=True)
+                print(
+                    f"[tax] {name:<7} {sizes['tax_length']} text tokens: {times[name][-1][0]:.2f} s  "
+                    f"[{time.monotonic() - started:.0f} s]",
+                    flush=True,
+                )
         plugin_llm.llm_engine.engine_core.shutdown()
     else:
         ttft(plugin_llm, warm)
@@ -384,24 +454,28 @@ def measure_tax(plugin_llm, make_intree, sizes: dict, vocab: range, started: flo
         ttft(intree, warm)
         times["intree"] = [ttft(intree, p) for p in prompts]
     intree.llm_engine.engine_core.shutdown()
-    ratios = [p[0] / i[0] for p, i in zip(times["plugin"], times["intree"])]
+    ratios = [p[0] / i[0] for p, i in zip(times["plugin"], times["intree"], strict=True)]
     return {
-        "text_tokens": sizes["tax_length"], "engines_coexisted": coexist,
+        "text_tokens": sizes["tax_length"],
+        "engines_coexisted": coexist,
         "ttft": {k: stats([t[0] for t in v]) for k, v in times.items()},
         "engine_prefill": {k: stats([t[1] for t in v]) for k, v in times.items()},
         "tax": stats([r - 1.0 for r in ratios]),
-    }  # fmt: skip
+    }
 
 
 def model_ratios_by_length(prompts: dict[int, PromptTokens], dims: ModelDims, configs: dict) -> dict:
     """The FLOP model's total ratio per configuration and length, for `dims`."""
     from vllm_stateful_reduce.config import parse
 
-    return {str(l): {n: reduction_ratio(dims, p, parse(o))["total"] for n, o in configs.items() if n != "off"} for l, p in prompts.items()}
+    return {
+        str(length): {n: reduction_ratio(dims, p, parse(o))["total"] for n, o in configs.items() if n != "off"}
+        for length, p in prompts.items()
+    }
 
 
 def build_summary(report: dict) -> dict:
-    longest = str(max(int(l) for l in report["prefill"]))
+    longest = str(max(int(length) for length in report["prefill"]))
     at = report["prefill"][longest]["configs"]
     ours, off = at["ours_25"], at["off"]
     return {
@@ -426,8 +500,10 @@ def print_tables(report: dict) -> None:
     for length, block in report["prefill"].items():
         p = block["prompt"]
         print(f"\n{length} visual tokens (prompt {p['visual'] + p['text']} tokens: T={p['text']}, Q={p['query']})")
-        print(f"{'config':<14}{'TTFT s (min-max)':>22}{'speedup (min-max)':>22}{'FLOP':>7}{'eff':>6}"
-              f"{'LM fwd x':>9}{'ovh %':>7}{'12B FLOP':>9}")  # fmt: skip
+        print(
+            f"{'config':<14}{'TTFT s (min-max)':>22}{'speedup (min-max)':>22}{'FLOP':>7}{'eff':>6}"
+            f"{'LM fwd x':>9}{'ovh %':>7}{'12B FLOP':>9}"
+        )
         for name, e in block["configs"].items():
             t = e["ttft"]
             line = f"{name:<14}{t['median']:>9.2f} ({t['min']:6.2f}-{t['max']:6.2f})"
@@ -441,15 +517,28 @@ def print_tables(report: dict) -> None:
             line += f"{100 * ovh['median']:>7.1f}" if ovh else f"{'-':>7}"
             print(line + f"{e['flop_ratio_12b']['total']:>9.2f}")
     d, b, t = report["decode"], report["batch"], report["plugin_tax"]
-    print(f"\ndecode after {d['visual_tokens']} visual tokens: "
-          f"off {1000 * d['seconds_per_token']['off']['median']:.1f} ms/token, ours_25 "
-          f"{1000 * d['seconds_per_token']['ours_25']['median']:.1f} ms/token (ratio {d['ratio_reduced_to_off']['median']:.2f})")
-    print(f"batch {b['requests']} x {b['visual_tokens_each']}: throughput speedup {b['throughput_speedup']['median']:.2f}x "
-          f"({b['throughput_speedup']['min']:.2f}-{b['throughput_speedup']['max']:.2f}), all in one step: {b['all_prefilled_in_one_step']}")
-    print(f"plugin tax ({t['text_tokens']} text tokens, engines {'side by side' if t['engines_coexisted'] else 'one after another'}): "
-          f"{100 * t['tax']['median']:+.1f}% ({100 * t['tax']['min']:+.1f}..{100 * t['tax']['max']:+.1f}%)")  # fmt: skip
+    print(
+        f"\ndecode after {d['visual_tokens']} visual tokens: "
+        f"off {1000 * d['seconds_per_token']['off']['median']:.1f} ms/token, ours_25 "
+        f"{1000 * d['seconds_per_token']['ours_25']['median']:.1f} ms/token (ratio "
+        f"{d['ratio_reduced_to_off']['median']:.2f})"
+    )
+    print(
+        f"batch {b['requests']} x {b['visual_tokens_each']}: throughput speedup "
+        f"{b['throughput_speedup']['median']:.2f}x "
+        f"({b['throughput_speedup']['min']:.2f}-{b['throughput_speedup']['max']:.2f}), all in one step: "
+        f"{b['all_prefilled_in_one_step']}"
+    )
+    print(
+        f"plugin tax ({t['text_tokens']} text tokens, engines "
+        f"{'side by side' if t['engines_coexisted'] else 'one after another'}): "
+        f"{100 * t['tax']['median']:+.1f}% ({100 * t['tax']['min']:+.1f}..{100 * t['tax']['max']:+.1f}%)"
+    )
     if report["summary"]["outside_lm_fraction_off"] is not None:
-        print(f"outside the LM forward (vision, front end, sampling): {100 * report['summary']['outside_lm_fraction_off']:.1f}% of off's TTFT")
+        print(
+            "outside the LM forward (vision, front end, sampling): "
+            f"{100 * report['summary']['outside_lm_fraction_off']:.1f}% of off's TTFT"
+        )
     print("summary: " + json.dumps(report["summary"]))
 
 
@@ -460,29 +549,29 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    lengths = sorted(int(l) for l in report["prefill"])
+    lengths = sorted(int(length) for length in report["prefill"])
     names = list(report["prefill"][str(lengths[0])]["configs"])
-    colours = dict(zip(names, plt.cm.tab10.colors))
+    colours = dict(zip(names, plt.cm.tab10.colors, strict=False))
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     for name in names:
-        t = [report["prefill"][str(l)]["configs"][name]["ttft"] for l in lengths]
+        t = [report["prefill"][str(length)]["configs"][name]["ttft"] for length in lengths]
         med = [x["median"] for x in t]
-        err = [[m - x["min"] for m, x in zip(med, t)], [x["max"] - m for m, x in zip(med, t)]]
+        err = [[m - x["min"] for m, x in zip(med, t, strict=True)], [x["max"] - m for m, x in zip(med, t, strict=True)]]
         left.errorbar(lengths, med, yerr=err, marker="o", capsize=3, color=colours[name], label=name)
         if name == "off":
             continue
-        s = [report["prefill"][str(l)]["configs"][name]["speedup"] for l in lengths]
+        s = [report["prefill"][str(length)]["configs"][name]["speedup"] for length in lengths]
         med = [x["median"] for x in s]
-        err = [[m - x["min"] for m, x in zip(med, s)], [x["max"] - m for m, x in zip(med, s)]]
+        err = [[m - x["min"] for m, x in zip(med, s, strict=True)], [x["max"] - m for m, x in zip(med, s, strict=True)]]
         right.errorbar(lengths, med, yerr=err, marker="o", capsize=3, color=colours[name], label=f"{name} measured")
-        model = [report["prefill"][str(l)]["configs"][name]["flop_ratio"]["total"] for l in lengths]
+        model = [report["prefill"][str(length)]["configs"][name]["flop_ratio"]["total"] for length in lengths]
         right.plot(lengths, model, ls="--", color=colours[name], alpha=0.7)
-    model_12b = [report["prefill"][str(l)]["configs"]["ours_25"]["flop_ratio_12b"]["total"] for l in lengths]
+    model_12b = [report["prefill"][str(length)]["configs"]["ours_25"]["flop_ratio_12b"]["total"] for length in lengths]
     right.plot(lengths, model_12b, ls=":", color="black", label="ours_25, FLOP model of Nano 12B v2")
     right.plot([], [], ls="--", color="grey", label="FLOP model (this checkpoint)")
     for ax in (left, right):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [str(l) for l in lengths])
+        ax.set_xticks(lengths, [str(length) for length in lengths])
         ax.set_xlabel("visual tokens")
     left.set_yscale("log")
     left.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -510,7 +599,9 @@ def resolve_sizes(args: argparse.Namespace) -> dict:
     for key in ("lengths", "decode_length", "batch_length"):
         for value in sizes[key] if key == "lengths" else [sizes[key]]:
             if value <= 0 or value % FRAME_TOKENS:
-                raise SystemExit(f"--{key.replace('_', '-')}: {value} is not a positive multiple of {FRAME_TOKENS} (whole frames)")
+                raise SystemExit(
+                    f"--{key.replace('_', '-')}: {value} is not a positive multiple of {FRAME_TOKENS} (whole frames)"
+                )
     if sizes["decode_tokens"] < 2:
         raise SystemExit("--decode-tokens must be at least 2")
     return sizes
@@ -540,15 +631,28 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from vllm_stateful_reduce import REQUIRED_ENGINE_ARGS
-    from vllm_stateful_reduce.model.config import IMG_CONTEXT, IMG_END
+    from vllm_stateful_reduce.model.hf_config import IMG_CONTEXT, IMG_END
 
-    common = {"dtype": "bfloat16", "max_model_len": max_model_len, "max_num_batched_tokens": batched,
-              "max_num_seqs": max(8, sizes["batch_size"]), "seed": 0, "disable_log_stats": False, **REQUIRED_ENGINE_ARGS}  # fmt: skip
-    plugin_args = common | {"limit_mm_per_prompt": {"video": 1}, "mm_processor_cache_gb": 0,
-                            "additional_config": {"stateful_reduce": {"timing": True}}}  # fmt: skip
-    print(f"checkpoint {checkpoint} ({dims.hidden} wide, {len(dims.pattern)} blocks); sizes {sizes}; "
-          f"max_model_len {max_model_len}, max_num_batched_tokens {batched}, KV cache {os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB",
-          flush=True)  # fmt: skip
+    common = {
+        "dtype": "bfloat16",
+        "max_model_len": max_model_len,
+        "max_num_batched_tokens": batched,
+        "max_num_seqs": max(8, sizes["batch_size"]),
+        "seed": 0,
+        "disable_log_stats": False,
+        **REQUIRED_ENGINE_ARGS,
+    }
+    plugin_args = common | {
+        "limit_mm_per_prompt": {"video": 1},
+        "mm_processor_cache_gb": 0,
+        "additional_config": {"stateful_reduce": {"timing": True}},
+    }
+    print(
+        f"checkpoint {checkpoint} ({dims.hidden} wide, {len(dims.pattern)} blocks); sizes {sizes}; "
+        f"max_model_len {max_model_len}, max_num_batched_tokens {batched}, KV cache "
+        f"{os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB",
+        flush=True,
+    )
     engine_start = time.monotonic()
     llm = LLM(str(checkpoint), **plugin_args)
     engine_seconds = time.monotonic() - engine_start
@@ -558,23 +662,45 @@ def main() -> None:
     end_length = len(tokenizer.encode(IMG_END, add_special_tokens=False))
     configs = configurations()
 
-    print(f"engine up in {engine_seconds:.0f} s; warm-up: every configuration at {min(sizes['lengths'])} visual tokens", flush=True)
+    print(
+        f"engine up in {engine_seconds:.0f} s; warm-up: every configuration at {min(sizes['lengths'])} visual tokens",
+        flush=True,
+    )
     warm_video = random_video(min(sizes["lengths"]) // FRAME_TOKENS, seed=1)
     for options in configs.values():
-        llm.generate([video_request(warm_video, options)], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)
+        llm.generate(
+            [video_request(warm_video, options)], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False
+        )
 
-    raw, prompts = run_sweep(llm, timers, sizes, configs, lambda ids: prompt_tokens(ids, visual_id, end_length), started)
+    raw, prompts = run_sweep(
+        llm, timers, sizes, configs, lambda ids: prompt_tokens(ids, visual_id, end_length), started
+    )
     report = {
-        "settings": {"sizes": sizes, "checkpoint": str(checkpoint), "spec": asdict(SPEC), "dims": dims.as_dict(),
-                     "engine_args": plugin_args, "kv_cache_gib": int(os.environ["VLLM_CPU_KVCACHE_SPACE"]),
-                     "timers": True, "engine_start_seconds": engine_seconds, "question": QUESTION},
+        "settings": {
+            "sizes": sizes,
+            "checkpoint": str(checkpoint),
+            "spec": asdict(SPEC),
+            "dims": dims.as_dict(),
+            "engine_args": plugin_args,
+            "kv_cache_gib": int(os.environ["VLLM_CPU_KVCACHE_SPACE"]),
+            "timers": True,
+            "engine_start_seconds": engine_seconds,
+            "question": QUESTION,
+        },
         "configs": configs,
-        "prefill": {str(l): {"prompt": asdict(prompts[l]), "configs": summarise_length(raw[l], prompts[l], dims, configs)}
-                    for l in sizes["lengths"]},
-        "flop_model": {"this_checkpoint": model_ratios_by_length(prompts, dims, configs),
-                       "nano_12b_v2": model_ratios_by_length(prompts, NANO_12B_V2, configs),
-                       "nano_12b_v2_dims": NANO_12B_V2.as_dict()},
-    }  # fmt: skip
+        "prefill": {
+            str(length): {
+                "prompt": asdict(prompts[length]),
+                "configs": summarise_length(raw[length], prompts[length], dims, configs),
+            }
+            for length in sizes["lengths"]
+        },
+        "flop_model": {
+            "this_checkpoint": model_ratios_by_length(prompts, dims, configs),
+            "nano_12b_v2": model_ratios_by_length(prompts, NANO_12B_V2, configs),
+            "nano_12b_v2_dims": NANO_12B_V2.as_dict(),
+        },
+    }
     report["decode"] = measure_decode(llm, timers, sizes, started)
     report["batch"] = measure_batch(llm, timers, sizes, started)
     vocab = range(max(tokenizer.all_special_ids) + 1, len(tokenizer))  # ordinary tokens

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from vllm_stateful_reduce.encoding import Encoder
-from vllm_stateful_reduce.reference import ReferenceNanoVL
-from vllm_stateful_reduce.tasks import TEST_SEEDS, make_example
+from vllm_stateful_reduce.testing.encoding import Encoder
+from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
+from vllm_stateful_reduce.testing.tasks import TEST_SEEDS, make_example
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def block_scores(model: ReferenceNanoVL, enc: Encoder, example) -> dict[str, tor
     ids = enc.prompt_ids(example)
     visual, query = model.visual_and_query(ids, len(ids))
     h, out = model._embeds(ids, [enc.pixels(example)]), {}
-    for i, (kind, block) in enumerate(zip(model.pattern, model.lm.model.layers)):
+    for i, (kind, block) in enumerate(zip(model.pattern, model.lm.model.layers, strict=True)):
         if kind == "*":
             out[f"A{i}"] = model._attention_scores(block, h, query, visual)
         elif kind == "M":
@@ -42,7 +42,9 @@ def block_scores(model: ReferenceNanoVL, enc: Encoder, example) -> dict[str, tor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parent.parent / "models" / "video-qa-small")
+    parser.add_argument(
+        "--model", type=Path, default=Path(__file__).resolve().parent.parent / "models" / "video-qa-small"
+    )
     parser.add_argument("--examples", type=int, default=240)
     parser.add_argument("--k", type=int, default=4, help="top-k visual tokens (default: one frame's worth)")
     parser.add_argument("--quick", action="store_true", help="40 examples")
@@ -72,7 +74,14 @@ def main() -> None:
     print(f"\nrecall@{args.k} of the question's target tokens among {num_visual} visual tokens (chance {chance:.3f})")
     for name, r in rows.items():
         print(f"  {name:<10} {r['recall']:.3f} +- {r['stderr']:.3f}")
-    report = {"model": str(args.model), "examples": n, "k": args.k, "num_visual": num_visual, "chance": chance, "blocks": rows}
+    report = {
+        "model": str(args.model),
+        "examples": n,
+        "k": args.k,
+        "num_visual": num_visual,
+        "chance": chance,
+        "blocks": rows,
+    }
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     if args.png:
@@ -88,7 +97,12 @@ def plot(report: dict, path: Path) -> None:
     names = list(report["blocks"])
     fig, ax = plt.subplots(figsize=(8, 4))
     colours = ["tab:blue" if n.startswith("A") else "tab:grey" if "decay" in n else "tab:orange" for n in names]
-    ax.bar(names, [report["blocks"][n]["recall"] for n in names], yerr=[report["blocks"][n]["stderr"] for n in names], color=colours)
+    ax.bar(
+        names,
+        [report["blocks"][n]["recall"] for n in names],
+        yerr=[report["blocks"][n]["stderr"] for n in names],
+        color=colours,
+    )
     ax.axhline(report["chance"], color="black", ls=":", label="chance (random tokens)")
     ax.set_ylabel(f"recall@{report['k']} of target tokens")
     ax.set_title("per-block scores: attention (blue), Mamba proxy (orange), with decay (grey)")

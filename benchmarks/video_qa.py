@@ -2,7 +2,7 @@
 
     python benchmarks/video_qa.py [--model models/video-qa-small] --json out.json --png out.png [--quick]
 
-Runs the held-out split of `vllm_stateful_reduce.tasks` with offline `LLM.generate`
+Runs the held-out split of `vllm_stateful_reduce.testing.tasks` with offline `LLM.generate`
 for each method and budget and reports exact-match accuracy:
 
   full                  all visual tokens
@@ -63,9 +63,15 @@ def evs_then_ours(budget: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parent.parent / "models" / "video-qa-small")
+    parser.add_argument(
+        "--model", type=Path, default=Path(__file__).resolve().parent.parent / "models" / "video-qa-small"
+    )
     parser.add_argument("--examples", type=int, default=400, help="held-out examples (all four task kinds)")
-    parser.add_argument("--quick", action="store_true", help="ours, fastv, random, ours_attention_only and evs at 25%% on 80 examples (~2 min)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="ours, fastv, random, ours_attention_only and evs at 25%% on 80 examples (~2 min)",
+    )
     parser.add_argument("--methods", help="comma-separated in-LLM methods to run besides ours (default: all)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
@@ -76,10 +82,10 @@ def main() -> None:
     from vllm_stateful_reduce import REQUIRED_ENGINE_ARGS
     from vllm_stateful_reduce.config import parse
     from vllm_stateful_reduce.media import video_metadata
-    from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
+    from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
     from vllm_stateful_reduce.schedule import build_schedule
-    from vllm_stateful_reduce.tasks import TEST_SEEDS, chance_accuracy, make_example
-    from vllm_stateful_reduce.tokenizer import chat_prompt
+    from vllm_stateful_reduce.testing.tasks import TEST_SEEDS, chance_accuracy, make_example
+    from vllm_stateful_reduce.testing.tokenizer import chat_prompt
 
     n = 80 if args.quick else args.examples
     budgets = [0.25] if args.quick else BUDGETS
@@ -96,19 +102,21 @@ def main() -> None:
             "multi_modal_data": {"video": (e.frames, video_metadata(len(e.frames)))},
         }
         for e in examples
-    ]  # fmt: skip
+    ]
     params = SamplingParams(max_tokens=4, temperature=0.0)
 
     def accuracy(llm, options: dict) -> dict:
         requests = [p | {"mm_processor_kwargs": {"stateful_reduce": options}} for p in prompts]
         outs = llm.generate(requests, params, use_tqdm=False)
-        hits = [o.outputs[0].text.strip() == e.answer for o, e in zip(outs, examples)]
+        hits = [o.outputs[0].text.strip() == e.answer for o, e in zip(outs, examples, strict=True)]
         kinds = sorted({e.kind for e in examples})
         acc = sum(hits) / len(hits)
         return {
             "accuracy": acc,
             "stderr": math.sqrt(acc * (1 - acc) / len(hits)),  # binomial standard error
-            "per_kind": {k: statistics.mean(h for h, e in zip(hits, examples) if e.kind == k) for k in kinds},
+            "per_kind": {
+                k: statistics.mean(h for h, e in zip(hits, examples, strict=True) if e.kind == k) for k in kinds
+            },
             "n": len(hits),
             "hits": [int(h) for h in hits],  # per example, for paired comparisons between methods
         }
@@ -118,10 +126,15 @@ def main() -> None:
     for i, (method, config) in enumerate(configs.items()):
         print(f"[{i + 1}/{len(configs)}] {method}: starting an engine ({time.monotonic() - started:.0f} s)", flush=True)
         llm = LLM(
-            str(args.model), max_model_len=2048, max_num_batched_tokens=2048, gpu_memory_utilization=0.3,
-            limit_mm_per_prompt={"video": 1}, additional_config={"stateful_reduce": config | {"budget": 1.0}},
-            seed=0, **REQUIRED_ENGINE_ARGS,
-        )  # fmt: skip
+            str(args.model),
+            max_model_len=2048,
+            max_num_batched_tokens=2048,
+            gpu_memory_utilization=0.3,
+            limit_mm_per_prompt={"video": 1},
+            additional_config={"stateful_reduce": config | {"budget": 1.0}},
+            seed=0,
+            **REQUIRED_ENGINE_ARGS,
+        )
         if method == "ours":  # methods that differ from ours only per request share its engine
             results["full"] = {"1.0": accuracy(llm, {"enabled": False})}
             print(f"  full: {results['full']['1.0']['accuracy']:.3f}", flush=True)
@@ -129,7 +142,10 @@ def main() -> None:
                 if args.quick and name == "evs_ours":
                     continue
                 results[name] = {str(b): accuracy(llm, options(b)) for b in budgets}
-                print(f"  {name}: " + ", ".join(f"{b:.0%} {results[name][str(b)]['accuracy']:.3f}" for b in budgets), flush=True)
+                print(
+                    f"  {name}: " + ", ".join(f"{b:.0%} {results[name][str(b)]['accuracy']:.3f}" for b in budgets),
+                    flush=True,
+                )
         results[method] = {}
         for b in budgets:
             try:
@@ -155,12 +171,25 @@ def main() -> None:
         # ours at 25% minus each other method, on the same examples: (mean, standard error)
         "ours_25_minus": {
             other: paired_difference(results["ours"]["0.25"], results[other][b])
-            for other, b in (("full", "1.0"), ("fastv", "0.25"), ("random", "0.25"), ("evs", "0.25"), ("ours_decay", "0.25"))
+            for other, b in (
+                ("full", "1.0"),
+                ("fastv", "0.25"),
+                ("random", "0.25"),
+                ("evs", "0.25"),
+                ("ours_decay", "0.25"),
+            )
             if results.get(other, {}).get(b, {}).get("hits")
         },
     }
-    report = {"model": str(args.model), "examples": n, "budgets": budgets, "pattern": pattern,
-              "method_configs": configs, "results": results, "summary": summary}  # fmt: skip
+    report = {
+        "model": str(args.model),
+        "examples": n,
+        "budgets": budgets,
+        "pattern": pattern,
+        "method_configs": configs,
+        "results": results,
+        "summary": summary,
+    }
 
     print(f"\n{'method':<22}" + "".join(f"{b:>8.0%}" for b in budgets))
     print(f"{'full':<22}" + f"{at('full', '1.0'):>8.3f}" * len(budgets))
@@ -170,8 +199,10 @@ def main() -> None:
         cells = [at(method, str(b)) for b in budgets]
         print(f"{method:<22}" + "".join(f"{c:>8.3f}" if c is not None else f"{'-':>8}" for c in cells))
     print(f"chance {summary['chance_accuracy']:.3f}; standard error of a cell <= {0.5 / math.sqrt(n):.3f}")
-    print("ours@25% minus (same examples, mean +- stderr): "
-          + ", ".join(f"{k} {v['mean']:+.3f} +- {v['stderr']:.3f}" for k, v in summary["ours_25_minus"].items()))
+    print(
+        "ours@25% minus (same examples, mean +- stderr): "
+        + ", ".join(f"{k} {v['mean']:+.3f} +- {v['stderr']:.3f}" for k, v in summary["ours_25_minus"].items())
+    )
     print(f"({time.monotonic() - started:.0f} s)")
 
     if args.json:
@@ -182,7 +213,7 @@ def main() -> None:
 
 def paired_difference(a: dict, b: dict) -> dict:
     """Mean of a's minus b's per-example hits, with the paired standard error."""
-    diff = [x - y for x, y in zip(a["hits"], b["hits"])]
+    diff = [x - y for x, y in zip(a["hits"], b["hits"], strict=True)]
     return {"mean": statistics.mean(diff), "stderr": statistics.stdev(diff) / math.sqrt(len(diff))}
 
 
@@ -200,7 +231,7 @@ def plot(report: dict, path: Path) -> None:
             continue
         points = [(b, by_budget[str(b)]["accuracy"]) for b in budgets if by_budget[str(b)]["accuracy"] is not None]
         if points:
-            ax.plot(*zip(*points), marker="o", label=method)
+            ax.plot(*zip(*points, strict=True), marker="o", label=method)
     ax.axhline(report["summary"]["chance_accuracy"], color="grey", ls=":", label="chance")
     ax.set_xlabel("visual-token budget (depth-averaged fraction)")
     ax.set_ylabel("exact-match accuracy")

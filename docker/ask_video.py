@@ -14,8 +14,8 @@ from pathlib import Path
 
 import openai
 
-from vllm_stateful_reduce.media import video_data_url, write_video
-from vllm_stateful_reduce.tasks import KINDS, TEST_SEEDS, make_example
+from vllm_stateful_reduce.testing.tasks import KINDS, TEST_SEEDS, make_example
+from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
 
 def ask(client: openai.OpenAI, model: str, video: Path, question: str) -> str:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from vllm_stateful_reduce import ARCHITECTURE, REQUIRED_ENGINE_ARGS
 from vllm_stateful_reduce.config import ReductionConfig, parse
-from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
+from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 from vllm_stateful_reduce.schedule import build_schedule
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "video-qa-small"
@@ -92,8 +92,14 @@ def load_video(path: Path, num_frames: int) -> tuple[np.ndarray, dict[str, Any]]
     capture.release()
     if not frames:
         raise ValueError(f"{path.name}: no frame could be decoded")
-    metadata = {"fps": fps, "duration": total / fps, "total_num_frames": total, "frames_indices": indices,
-                "video_backend": "opencv", "do_sample_frames": False}  # fmt: skip
+    metadata = {
+        "fps": fps,
+        "duration": total / fps,
+        "total_num_frames": total,
+        "frames_indices": indices,
+        "video_backend": "opencv",
+        "do_sample_frames": False,
+    }
     return np.ascontiguousarray(np.stack(frames)), metadata
 
 
@@ -138,7 +144,9 @@ def kept_per_stage(prompt_token_ids: Sequence[int], hf_config: Any, reduction: R
     visual = list(prompt_token_ids).count(hf_config.img_context_token_id)
     if not visual:
         return None
-    counts = build_schedule(hf_config.text_config.hybrid_override_pattern, reduction).keep_counts(visual, reduction.min_keep)
+    counts = build_schedule(hf_config.text_config.hybrid_override_pattern, reduction).keep_counts(
+        visual, reduction.min_keep
+    )
     return counts if counts[-1] < visual else None
 
 
@@ -165,11 +173,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     asked.add_argument("--question", help="one question for every video")
     asked.add_argument("--questions", type=Path, help='JSONL of {"video": ..., "question": ...}')
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint (Nemotron Nano VL v2 layout)")
-    parser.add_argument("--budget", type=float, default=ReductionConfig().budget, help="kept fraction of visual tokens, depth-averaged (global)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=ReductionConfig().budget,
+        help="kept fraction of visual tokens, depth-averaged (global)",
+    )
     parser.add_argument("--no-reduction", action="store_true", help="serve every video with all its visual tokens")
     parser.add_argument("--max-tokens", type=int, default=64, help="answer length limit (greedy decoding)")
     parser.add_argument("--out", type=Path, required=True, help="output JSONL, one line per video")
-    parser.add_argument("--num-frames", type=int, default=32, help="frames sampled per video (vLLM's default for served videos)")
+    parser.add_argument(
+        "--num-frames", type=int, default=32, help="frames sampled per video (vLLM's default for served videos)"
+    )
     parser.add_argument("--max-model-len", type=int, default=32768)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-size", type=int, default=16, help="videos decoded and generated together")
@@ -204,7 +219,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     lines.append({})
                 except ValueError as err:  # an unreadable video: say so and go on
                     lines.append({"video": job.video, "question": job.question, "error": str(err)})
-            for slot, result in zip(slots, llm.generate(requests, sampling, use_tqdm=False) if requests else []):
+            for slot, result in zip(
+                slots, llm.generate(requests, sampling, use_tqdm=False) if requests else [], strict=True
+            ):
                 lines[slot] = {
                     "video": batch[slot].video,
                     "question": batch[slot].question,
@@ -216,7 +233,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             out.flush()
             answered += len(slots)
             progress.update(len(batch))
-    print(f"{answered}/{len(args.jobs)} videos answered in {time.monotonic() - started:.1f} s -> {args.out}", file=sys.stderr)
+    print(
+        f"{answered}/{len(args.jobs)} videos answered in {time.monotonic() - started:.1f} s -> {args.out}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

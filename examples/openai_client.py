@@ -45,12 +45,17 @@ def ask(client: openai.OpenAI, model: str, url: str, question: str, options: dic
         model=model,
         max_tokens=max_tokens,
         temperature=0.0,
-        messages=[{"role": "user", "content": [
-            {"type": "video_url", "video_url": {"url": url}},
-            {"type": "text", "text": question},
-        ]}],
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video_url", "video_url": {"url": url}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
         extra_body={"mm_processor_kwargs": {"stateful_reduce": options}} if options else None,
-    )  # fmt: skip
+    )
     return (reply.choices[0].message.content or "").strip(), reply.usage.prompt_tokens
 
 
@@ -76,13 +81,25 @@ def main() -> None:
     for video in args.videos:
         started = time.monotonic()
         try:
-            answer, prompt_tokens = ask(client, model, video_url(video, args.by_path), args.question, request_options, args.max_tokens)
+            answer, prompt_tokens = ask(
+                client, model, video_url(video, args.by_path), args.question, request_options, args.max_tokens
+            )
         except openai.BadRequestError as err:  # e.g. an invalid option, a file outside the allowed path
             parser.exit(1, f"error: {video}: {err.message}\n")
-        print(json.dumps({
-            "video": str(video), "question": args.question, "answer": answer, "sent_as": "file" if args.by_path else "base64",
-            "options": request_options, "prompt_tokens": prompt_tokens, "seconds": round(time.monotonic() - started, 3),
-        }), flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "video": str(video),
+                    "question": args.question,
+                    "answer": answer,
+                    "sent_as": "file" if args.by_path else "base64",
+                    "options": request_options,
+                    "prompt_tokens": prompt_tokens,
+                    "seconds": round(time.monotonic() - started, 3),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from vllm_stateful_reduce.kernels import reference
-from vllm_stateful_reduce.kernels.reference import Varlen
+from vllm_stateful_reduce.kernels import torch_ops
+from vllm_stateful_reduce.kernels.torch_ops import Varlen
 
 HIDDEN, HQ, HK, HEAD_DIM, GROUPS, STATE = 5120, 40, 8, 128, 8, 128  # Nemotron Nano 12B v2 VL
 QUERY_ROWS = 30  # text after the last visual token, per request
@@ -70,15 +70,22 @@ def make_cases(tokens: int, device: torch.device) -> list[Case]:
         queries, keys, v_rows = _segments(tokens, requests, device)
         q, c = randn(requests * QUERY_ROWS, HQ, HEAD_DIM), randn(requests * QUERY_ROWS, GROUPS, STATE)
         label = f"{requests} req, {tokens} keys, {v_rows.numel()} scored"
-        cases.append(Case(
-            "attention_scores", label,
-            lambda m, q=q, queries=queries, keys=keys, v_rows=v_rows: m.attention_scores(
-                q, k, queries, keys, v_rows, HEAD_DIM**-0.5),
-        ))  # fmt: skip
-        cases.append(Case(
-            "mamba_scores", label,
-            lambda m, c=c, queries=queries, v_rows=v_rows: m.mamba_scores(c, b, weight, queries, v_rows),
-        ))  # fmt: skip
+        cases.append(
+            Case(
+                "attention_scores",
+                label,
+                lambda m, q=q, queries=queries, keys=keys, v_rows=v_rows: m.attention_scores(
+                    q, k, queries, keys, v_rows, HEAD_DIM**-0.5
+                ),
+            )
+        )
+        cases.append(
+            Case(
+                "mamba_scores",
+                label,
+                lambda m, c=c, queries=queries, v_rows=v_rows: m.mamba_scores(c, b, weight, queries, v_rows),
+            )
+        )
     return cases
 
 
@@ -109,7 +116,7 @@ def max_error(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
-    impls: dict[str, object] = {"reference": reference}
+    impls: dict[str, object] = {"reference": torch_ops}
     if gpu:
         from vllm_stateful_reduce.kernels import triton_kernels
 
@@ -122,15 +129,18 @@ def run(args: argparse.Namespace) -> dict:
     cases = make_cases(tokens, device)
     results = []
     for i, case in enumerate(cases, 1):
-        expected = case.run(reference)
+        expected = case.run(torch_ops)
         for name, impl in impls.items():
             print(f"[{i}/{len(cases)}] {case.kernel} ({case.label}) {name} ...", end=" ", flush=True)
             row = {"kernel": case.kernel, "case": case.label, "impl": name, "device": device.type}
-            row |= time_ms(lambda: case.run(impl), args.reps, args.warmup, device)
+            row |= time_ms(lambda case=case, impl=impl: case.run(impl), args.reps, args.warmup, device)
             if name != "reference":
                 row |= max_error(case.run(impl), expected)
-            print(f"median {row['median_ms']:.3f} ms (min {row['min_ms']:.3f}, max {row['max_ms']:.3f})"
-                  + (f", max abs err {row['max_abs_err']:.2e}" if "max_abs_err" in row else ""), flush=True)  # fmt: skip
+            print(
+                f"median {row['median_ms']:.3f} ms (min {row['min_ms']:.3f}, max {row['max_ms']:.3f})"
+                + (f", max abs err {row['max_abs_err']:.2e}" if "max_abs_err" in row else ""),
+                flush=True,
+            )
             results.append(row)
     return {
         "gpu": gpu,

@@ -47,7 +47,13 @@ def steps(json_dir: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
             {**no_interpreter, "VSR_TEST_ATTENTION_BACKEND": "TRITON_ATTN"},
         ),
         "benchmark": (
-            [sys.executable, "benchmarks/prefill_speedup.py", "--quick", "--json", str(json_dir / "prefill_quick.json")],
+            [
+                sys.executable,
+                "benchmarks/prefill_speedup.py",
+                "--quick",
+                "--json",
+                str(json_dir / "prefill_quick.json"),
+            ],
             no_interpreter,
         ),
     }

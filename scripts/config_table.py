@@ -28,7 +28,9 @@ def render() -> str:
         if not field.description:
             raise ValueError(f"ReductionConfig.{name} has no Field(description=...)")
         per_request = "yes" if name in PER_REQUEST_FIELDS else "no"
-        rows.append(f"| `{name}` | `{json.dumps(field.default, ensure_ascii=False)}` | {per_request} | {field.description} |")
+        rows.append(
+            f"| `{name}` | `{json.dumps(field.default, ensure_ascii=False)}` | {per_request} | {field.description} |"
+        )
     return "\n".join(rows)
 
 
@@ -57,7 +59,10 @@ def main() -> None:
         README.write_text(with_table(README.read_text(), table))
     elif args.check:
         if readme_table(README.read_text()) != table:
-            sys.exit("README.md's configuration table differs from ReductionConfig: run python scripts/config_table.py --write")
+            sys.exit(
+                "README.md's configuration table differs from ReductionConfig: run python scripts/config_table.py "
+                "--write"
+            )
     else:
         print(table)
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import openai
 
-from vllm_stateful_reduce.launch import running_server
-from vllm_stateful_reduce.media import video_data_url, write_video
-from vllm_stateful_reduce.tasks import KINDS, TEST_SEEDS, make_example
+from vllm_stateful_reduce.testing.launch import running_server
+from vllm_stateful_reduce.testing.tasks import KINDS, TEST_SEEDS, make_example
+from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "video-qa-small"
@@ -52,28 +52,40 @@ def main() -> None:
         model = client.models.list().data[0].id
         before, right = prefill_seconds(url), {"full": 0, "reduced": 0}
         print(f"{'video':<22} {'question':<34} {'expected':<9} {'full':<9} reduced 25%")
-        for e, video in zip(examples, videos):
+        for e, video in zip(examples, videos, strict=True):
             answers = {}
             for mode, options in (("full", {"enabled": False}), ("reduced", {})):
                 reply = client.chat.completions.create(
                     model=model,
                     max_tokens=8,
                     temperature=0.0,
-                    messages=[{"role": "user", "content": [
-                        {"type": "video_url", "video_url": {"url": video_data_url(video)}},
-                        {"type": "text", "text": e.question},
-                    ]}],
+                    messages=[
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "video_url", "video_url": {"url": video_data_url(video)}},
+                                {"type": "text", "text": e.question},
+                            ],
+                        }
+                    ],
                     extra_body={"mm_processor_kwargs": {"stateful_reduce": options}},
-                )  # fmt: skip
+                )
                 answers[mode] = reply.choices[0].message.content.strip()
                 right[mode] += answers[mode] == e.answer
-            print(f"{video.name:<22} {e.question:<34} {e.answer:<9} {answers['full']:<9} {answers['reduced']}", flush=True)
+            print(
+                f"{video.name:<22} {e.question:<34} {e.answer:<9} {answers['full']:<9} {answers['reduced']}", flush=True
+            )
         after = prefill_seconds(url)
     n = len(examples)
-    print(f"\nright: full {right['full']}/{n}, reduced {right['reduced']}/{n}; {reply.usage.prompt_tokens} prompt tokens per request")
+    print(
+        f"\nright: full {right['full']}/{n}, reduced {right['reduced']}/{n}; {reply.usage.prompt_tokens} prompt "
+        "tokens per request"
+    )
     if after[1] > before[1]:
         mean = 1000 * (after[0] - before[0]) / (after[1] - before[1])
-        print(f"mean prefill time: {mean:.1f} ms over {after[1] - before[1]} requests (vllm:request_prefill_time_seconds)")
+        print(
+            f"mean prefill time: {mean:.1f} ms over {after[1] - before[1]} requests (vllm:request_prefill_time_seconds)"
+        )
 
 
 if __name__ == "__main__":

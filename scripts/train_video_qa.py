@@ -1,14 +1,15 @@
 """Train the small video-QA model in the plugin's checkpoint layout (plain PyTorch, CPU).
 
     python scripts/train_video_qa.py --out artifacts/base --threads 1            # ~20 min from random weights
+    # ~11 min finetuning under reduction:
     python scripts/train_video_qa.py --init artifacts/base --out artifacts/video-qa-model --budgets 1,0.25 \
-        --codec-share 0.5 --steps 600 --warmup 30 --lr 5e-4 --eval-every 50 --threads 1  # ~11 min finetuning under reduction
+        --codec-share 0.5 --steps 600 --warmup 30 --lr 5e-4 --eval-every 50 --threads 1
 
 (the two steps that made the committed `models/video-qa-small`).
 
-Starts from a random checkpoint built by `vllm_stateful_reduce.checkpoint` (or `--init`), trains
+Starts from a random checkpoint built by `vllm_stateful_reduce.testing.checkpoint` (or `--init`), trains
 the whole model (RADIO-style ViT, projector, NemotronH) through the plain PyTorch
-reference forward on the procedural tasks of `vllm_stateful_reduce.tasks`, with the
+reference forward on the procedural tasks of `vllm_stateful_reduce.testing.tasks`, with the
 exact token layout vLLM's processor produces, and writes a checkpoint vLLM loads with
 the plugin. Progress (loss, held-out accuracy per task) is printed as it trains.
 With `--budgets`, batches are trained under reduction: the reference's reduced forward
@@ -35,20 +36,22 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vllm_stateful_reduce.config import ReductionConfig
-from vllm_stateful_reduce.checkpoint import CheckpointSpec, build_checkpoint
-from vllm_stateful_reduce.encoding import Encoder
-from vllm_stateful_reduce.media import codec_roundtrip
-from vllm_stateful_reduce.reference import ReferenceNanoVL
-from vllm_stateful_reduce.tasks import KINDS, TEST_SEEDS, TRAIN_SEEDS, Example, make_example
+from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec, build_checkpoint
+from vllm_stateful_reduce.testing.encoding import Encoder
+from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
+from vllm_stateful_reduce.testing.tasks import KINDS, TEST_SEEDS, TRAIN_SEEDS, Example, make_example
+from vllm_stateful_reduce.testing.video_files import codec_roundtrip
 
 
-def batch_logits(model: ReferenceNanoVL, enc: Encoder, examples: list[Example], reduction: ReductionConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_logits(
+    model: ReferenceNanoVL, enc: Encoder, examples: list[Example], reduction: ReductionConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced logits for prompt + answer; returns (logits, targets, answer mask).
     With `reduction`, each example's visual tokens are dropped as the reference's reduced
     forward selects them for its prompt (finetuning under reduction)."""
     answers = [enc.answer_ids(e) for e in examples]
     prompts = [enc.prompt_ids(e) for e in examples]
-    seqs = [p + a for p, a in zip(prompts, answers)]
+    seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
     length = max(len(s) for s in seqs)
     # right padding: causal attention and the causal scan never look ahead at it
     ids = torch.tensor([s + [enc.tokenizer.pad_token_id] * (length - len(s)) for s in seqs])
@@ -57,13 +60,13 @@ def batch_logits(model: ReferenceNanoVL, enc: Encoder, examples: list[Example], 
     visual = model.vision_embeddings(torch.cat(pixels))
     embeds = embeds.masked_scatter((ids == model.image_context_id)[..., None], visual.flatten(0, 1).to(embeds.dtype))
     answer = torch.zeros_like(ids, dtype=torch.bool)
-    for row, (a, seq) in enumerate(zip(answers, seqs)):
+    for row, (a, seq) in enumerate(zip(answers, seqs, strict=True)):
         answer[row, len(seq) - len(a) : len(seq)] = True
     if reduction is None:
         rows = torch.arange(length).expand(len(ids), -1)
         logits = model.lm(inputs_embeds=embeds).logits
     else:
-        kept = [model.reduced_forward(p, [px], reduction)[1] for p, px in zip(prompts, pixels)]
+        kept = [model.reduced_forward(p, [px], reduction)[1] for p, px in zip(prompts, pixels, strict=True)]
         h, rows = model.forward_kept(embeds, kept, reduction)
         logits = model.lm.lm_head(h)
     # row j predicts the token after its original position; dropped rows are all visual,
@@ -82,16 +85,20 @@ def match_visual_scale(model: ReferenceNanoVL, enc: Encoder) -> None:
 
 
 @torch.no_grad()
-def answered(model: ReferenceNanoVL, enc: Encoder, examples: list[Example], reduction: ReductionConfig | None = None) -> torch.Tensor:
+def answered(
+    model: ReferenceNanoVL, enc: Encoder, examples: list[Example], reduction: ReductionConfig | None = None
+) -> torch.Tensor:
     """Per example: is every answer token the argmax (exact match, teacher forced)."""
     logits, targets, answer = batch_logits(model, enc, examples, reduction)
     return ((logits.argmax(-1) == targets) | ~answer).all(dim=1)
 
 
-def accuracy(model: ReferenceNanoVL, enc: Encoder, seeds: range, per_kind: int, reduction: ReductionConfig | None = None) -> dict[str, float]:
+def accuracy(
+    model: ReferenceNanoVL, enc: Encoder, seeds: range, per_kind: int, reduction: ReductionConfig | None = None
+) -> dict[str, float]:
     out = {}
     for kind in KINDS:
-        examples = [make_example(s, kind=kind) for s in seeds[: per_kind]]
+        examples = [make_example(s, kind=kind) for s in seeds[:per_kind]]
         out[kind] = answered(model, enc, examples, reduction).float().mean().item()
     out["mean"] = sum(out[k] for k in KINDS) / len(KINDS)
     return out
@@ -105,24 +112,40 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--eval-examples", type=int, default=32, help="held-out examples per kind at each eval (twice that at the end)")
+    parser.add_argument(
+        "--eval-examples", type=int, default=32, help="held-out examples per kind at each eval (twice that at the end)"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--codec-share", type=float, default=0.0,
-                        help="share of training videos sent through an MP4 encode/decode first, as served videos are")
+    parser.add_argument(
+        "--codec-share",
+        type=float,
+        default=0.0,
+        help="share of training videos sent through an MP4 encode/decode first, as served videos are",
+    )
     parser.add_argument("--init", type=Path, help="start from this checkpoint instead of a random one (finetuning)")
-    parser.add_argument("--budgets", type=lambda v: [float(b) for b in v.split(",")], default=[1.0],
-                        help="each batch is trained under the reduction (--reduction) at one of these budgets, drawn "
-                             "uniformly (1 = all tokens); e.g. 1,0.25 finetunes under reduction")
-    parser.add_argument("--reduction", type=json.loads, default={},
-                        help='reduction options besides the budget (default: the plugin\'s, with min_keep 1), e.g. FastV-style '
-                             '\'{"boundaries": [1], "schedule": "step", "score_layers": "attention"}\'')  # fmt: skip
+    parser.add_argument(
+        "--budgets",
+        type=lambda v: [float(b) for b in v.split(",")],
+        default=[1.0],
+        help="each batch is trained under the reduction (--reduction) at one of these budgets, drawn "
+        "uniformly (1 = all tokens); e.g. 1,0.25 finetunes under reduction",
+    )
+    parser.add_argument(
+        "--reduction",
+        type=json.loads,
+        default={},
+        help="reduction options besides the budget (default: the plugin's, with min_keep 1), e.g. FastV-style "
+        '\'{"boundaries": [1], "schedule": "step", "score_layers": "attention"}\'',
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
-    start_ckpt = args.init or build_checkpoint(Path(tempfile.mkdtemp(prefix="vsr-train-")), CheckpointSpec(seed=args.seed))
+    start_ckpt = args.init or build_checkpoint(
+        Path(tempfile.mkdtemp(prefix="vsr-train-")), CheckpointSpec(seed=args.seed)
+    )
     model = ReferenceNanoVL(start_ckpt)
     model.train()
     enc = Encoder(start_ckpt)
@@ -142,10 +165,18 @@ def main() -> None:
             group["lr"] = args.lr * scale
         # the kinds mixed in every batch; clutter from none to the test split's, so easy
         # videos (no distractors) teach reading colour and shape, cluttered ones selection
-        examples = [make_example(seed + i, clutter=clutter) for i, clutter in enumerate(torch.rand(args.batch).mul(0.6).tolist())]
-        examples = [replace(e, frames=codec_roundtrip(e.frames)) if r < args.codec_share else e for e, r in zip(examples, torch.rand(args.batch).tolist())]
+        examples = [
+            make_example(seed + i, clutter=clutter)
+            for i, clutter in enumerate(torch.rand(args.batch).mul(0.6).tolist())
+        ]
+        examples = [
+            replace(e, frames=codec_roundtrip(e.frames)) if r < args.codec_share else e
+            for e, r in zip(examples, torch.rand(args.batch).tolist(), strict=True)
+        ]
         seed += args.batch
-        logits, targets, answer = batch_logits(model, enc, examples, reductions[int(torch.randint(len(reductions), ()))])
+        logits, targets, answer = batch_logits(
+            model, enc, examples, reductions[int(torch.randint(len(reductions), ()))]
+        )
         loss = F.cross_entropy(logits[answer], targets[answer])
         opt.zero_grad()
         loss.backward()
@@ -156,7 +187,10 @@ def main() -> None:
             model.eval()
             acc = {name: accuracy(model, enc, held_out, args.eval_examples, r) for name, r in watch.items()}
             model.train()
-            history.append({"step": step, "loss": loss.item(), **acc["full"]} | {f"{name} {k}": v for name, a in acc.items() if name != "full" for k, v in a.items()})
+            history.append(
+                {"step": step, "loss": loss.item(), **acc["full"]}
+                | {f"{name} {k}": v for name, a in acc.items() if name != "full" for k, v in a.items()}
+            )
             left = (time.monotonic() - began) / step * (args.steps - step) / 60
             shown = "  ".join(f"{name}: " + " ".join(f"{k} {v:.2f}" for k, v in a.items()) for name, a in acc.items())
             print(f"step {step:5d}  loss {loss.item():.3f}  held-out acc {shown}  ({left:.1f} min left)", flush=True)
@@ -169,9 +203,17 @@ def main() -> None:
             shutil.copy(f, args.out / f.name)
     save_file(model.checkpoint_tensors(), args.out / "model.safetensors", metadata={"format": "pt"})
     (args.out / "training.json").write_text(
-        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "minutes": (time.monotonic() - began) / 60, "examples": seed - TRAIN_SEEDS.start,
-                    "final_held_out_accuracy": final, "history": history,
-                    "init_training": json.loads((args.init / "training.json").read_text()) if args.init else None}, indent=2)  # fmt: skip
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "minutes": (time.monotonic() - began) / 60,
+                "examples": seed - TRAIN_SEEDS.start,
+                "final_held_out_accuracy": final,
+                "history": history,
+                "init_training": json.loads((args.init / "training.json").read_text()) if args.init else None,
+            },
+            indent=2,
+        )
     )
     print(f"done: {step} steps, held-out accuracy {final}; wrote {args.out}")
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: one small checkpoint per session, vLLM pointed at a private temp dir."""
+"""Test environment and shared fixtures: vLLM pointed at a private temp dir, one small
+checkpoint per session. Helper functions are in helpers.py."""
 
 import os
 import tempfile
@@ -14,15 +15,17 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 tempfile.tempdir = _RUN_TMP
 
-import numpy as np  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import cv2  # noqa: E402
 import pytest  # noqa: E402
 
-from vllm_stateful_reduce import REQUIRED_ENGINE_ARGS  # noqa: E402
-from vllm_stateful_reduce.checkpoint import build_checkpoint  # noqa: E402
-from vllm_stateful_reduce.media import video_metadata  # noqa: E402,F401  (used by the test modules)
-from vllm_stateful_reduce.tokenizer import chat_prompt  # noqa: E402,F401  (used by the test modules)
+from vllm_stateful_reduce.testing.checkpoint import build_checkpoint  # noqa: E402
+from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL  # noqa: E402
+from vllm_stateful_reduce.testing.video_files import write_video  # noqa: E402
 
-MAX_MODEL_LEN = 4096
+from .helpers import random_video  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,28 +33,32 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
-def engine_kwargs(checkpoint: Path, **overrides) -> dict:
-    """LLM(...) arguments for the tests: float32 (tight oracles), small memory."""
-    return {
-        "model": str(checkpoint),
-        "dtype": "float32",
-        "max_model_len": MAX_MODEL_LEN,
-        "max_num_batched_tokens": MAX_MODEL_LEN,
-        "gpu_memory_utilization": 0.3,
-        "limit_mm_per_prompt": {"video": 2},
-        "seed": 0,
-        **REQUIRED_ENGINE_ARGS,
-        # kernels/gpu_check.py: float32 on a GPU needs a backend that has it
-        **({"attention_backend": os.environ["VSR_TEST_ATTENTION_BACKEND"]} if "VSR_TEST_ATTENTION_BACKEND" in os.environ else {}),
-        **overrides,
-    }
+@pytest.fixture(scope="module")
+def reference(checkpoint) -> ReferenceNanoVL:
+    """The plain-PyTorch oracle on the session's checkpoint."""
+    return ReferenceNanoVL(checkpoint)
 
 
-def random_video(num_frames: int, height: int = 80, width: int = 96, seed: int = 0) -> np.ndarray:
-    """Random uint8 RGB frames (never constant), shape (T, H, W, 3)."""
-    return np.random.default_rng(seed).integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8)
+@pytest.fixture(scope="module")
+def real_layout_checkpoint(checkpoint, tmp_path_factory):
+    """The checkpoint as the real one names itself (`NemotronH_Nano_VL_V2`, remote-code
+    `auto_map`), so the plugin architecture is chosen the way a user does."""
+    ckpt = tmp_path_factory.mktemp("real-layout")
+    shutil.copytree(checkpoint, ckpt, dirs_exist_ok=True)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["architectures"] = ["NemotronH_Nano_VL_V2"]
+    config["auto_map"] = {"AutoConfig": "configuration.NemotronH_Nano_VL_V2_Config"}  # not shipped
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return ckpt
 
 
-def shutdown(llm) -> None:
-    """Stop an LLM's engine process now, so the next module starts with free cores."""
-    llm.llm_engine.engine_core.shutdown()
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """Video files for server tests: ok.mp4, empty.mp4 (no frames), big.mp4 (~1 MB)."""
+    root = tmp_path_factory.mktemp("media")
+    write_video(random_video(6, seed=1), root / "ok.mp4", fps=2.0)
+    empty = cv2.VideoWriter(str(root / "empty.mp4"), cv2.VideoWriter.fourcc(*"mp4v"), 2.0, (96, 80))
+    empty.release()  # a container with zero frames
+    write_video(random_video(60, 240, 320, seed=2), root / "big.mp4", fps=2.0)  # noise: ~1 MB as MPEG-4
+    assert (root / "big.mp4").stat().st_size > 900_000
+    return root

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from vllm_stateful_reduce.kernels import reference
-from vllm_stateful_reduce.kernels.reference import Varlen
+from vllm_stateful_reduce.kernels import torch_ops
+from vllm_stateful_reduce.kernels.torch_ops import Varlen
 
 GAP = 2  # unused rows between segments
 DEVICE = torch.device(os.environ.get("VSR_KERNEL_DEVICE", "cpu"))
@@ -57,33 +57,38 @@ def _packed(nk: tuple[int, ...], nq: tuple[int, ...], g: torch.Generator) -> Pac
     q_starts, _ = _segments(nq)
     k_starts, _ = _segments(nk)
     picks = []
-    for r, (k0, n) in enumerate(zip(k_starts, nk)):
+    for r, (k0, n) in enumerate(zip(k_starts, nk, strict=True)):
         count = n if r == 0 else int(torch.randint(1, n + 1, (), generator=g))
         picks.append(k0 + torch.sort(torch.randperm(n, generator=g)[:count]).values)
     width = max(len(p) for p in picks) + 3  # every request gets some padding
     v_rows = torch.full((len(nk), width), -1, dtype=torch.int64)
     for r, p in enumerate(picks):
         v_rows[r, : len(p)] = p
-    whole = tuple(len(p) == n for p, n in zip(picks, nk))
-    return Packed(Varlen.of(q_starts, list(nq), DEVICE), Varlen.of(k_starts, list(nk), DEVICE), v_rows.to(DEVICE), whole)
+    whole = tuple(len(p) == n for p, n in zip(picks, nk, strict=True))
+    return Packed(
+        Varlen.of(q_starts, list(nq), DEVICE), Varlen.of(k_starts, list(nk), DEVICE), v_rows.to(DEVICE), whole
+    )
 
 
 def _randn(rows: int, heads: int, dim: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
     return torch.randn(rows, heads, dim, generator=g).to(dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("rows,shape,picks,dtype", [
-    (37, (3, 5), 6, torch.float32),
-    (1, (7,), 1, torch.float32),
-    (129, (2, 300), 64, torch.float32),
-    (50, (5120,), 33, torch.bfloat16),  # a hidden state row of the real model
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "rows,shape,picks,dtype",
+    [
+        (37, (3, 5), 6, torch.float32),
+        (1, (7,), 1, torch.float32),
+        (129, (2, 300), 64, torch.float32),
+        (50, (5120,), 33, torch.bfloat16),  # a hidden state row of the real model
+    ],
+)
 def test_gather_rows(triton_kernels, rows, shape, picks, dtype) -> None:
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, *shape, generator=g).to(dtype).to(DEVICE)
     index = torch.randint(0, rows, (picks,), generator=g).to(DEVICE)
-    assert torch.equal(triton_kernels.gather_rows(x, index), reference.gather_rows(x, index))
-    assert torch.equal(triton_kernels.gather_rows(x, index.int()), reference.gather_rows(x, index))
+    assert torch.equal(triton_kernels.gather_rows(x, index), torch_ops.gather_rows(x, index))
+    assert torch.equal(triton_kernels.gather_rows(x, index.int()), torch_ops.gather_rows(x, index))
 
 
 # Tolerance rtol 2e-6, atol 1e-8. Measured (TRITON_INTERPRET=1, CPU; scores 7e-4..0.45) max |error| /
@@ -113,7 +118,7 @@ def _attention_inputs(name: str, seed: int = 0):
 def test_attention_scores(triton_kernels, name) -> None:
     q, k, p, scale = _attention_inputs(name)
     ours = triton_kernels.attention_scores(q, k, p.queries, p.keys, p.v_rows, scale)
-    ref = reference.attention_scores(q, k, p.queries, p.keys, p.v_rows, scale)
+    ref = torch_ops.attention_scores(q, k, p.queries, p.keys, p.v_rows, scale)
     assert ours.dtype == torch.float32 and ours.shape == p.v_rows.shape
     assert torch.equal(ours[p.v_rows < 0], torch.zeros_like(ours[p.v_rows < 0]))
     assert torch.allclose(ours, ref, rtol=2e-6, atol=1e-8), (ours - ref).abs().max()
@@ -151,7 +156,7 @@ def _mamba_inputs(name: str, seed: int = 0):
 def test_mamba_scores(triton_kernels, name) -> None:
     c, b, w, p = _mamba_inputs(name)
     ours = triton_kernels.mamba_scores(c, b, w, p.queries, p.v_rows)
-    ref = reference.mamba_scores(c, b, w, p.queries, p.v_rows)
+    ref = torch_ops.mamba_scores(c, b, w, p.queries, p.v_rows)
     assert ours.dtype == torch.float32 and ours.shape == p.v_rows.shape
     assert torch.equal(ours[p.v_rows < 0], torch.zeros_like(ours[p.v_rows < 0]))
     assert torch.allclose(ours, ref, rtol=2e-6, atol=1e-8), (ours - ref).abs().max()
@@ -178,7 +183,9 @@ def test_scores_of_strided_views(triton_kernels) -> None:
     )
     assert torch.equal(ours, triton_kernels.attention_scores(q, k, p.queries, p.keys, p.v_rows, scale))
     c, b, w, p = _mamba_inputs("odd", seed=2)
-    ours = triton_kernels.mamba_scores(_strided(c), _strided(b), _strided(w), _strided_varlen(p.queries), _strided(p.v_rows))
+    ours = triton_kernels.mamba_scores(
+        _strided(c), _strided(b), _strided(w), _strided_varlen(p.queries), _strided(p.v_rows)
+    )
     assert torch.equal(ours, triton_kernels.mamba_scores(c, b, w, p.queries, p.v_rows))
 
 

@@ -12,8 +12,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from vllm_stateful_reduce.launch import running_server
-from vllm_stateful_reduce.model.config import IMG_CONTEXT
+from vllm_stateful_reduce.model.hf_config import IMG_CONTEXT
+from vllm_stateful_reduce.testing.launch import running_server
 
 
 @contextmanager
@@ -22,11 +22,22 @@ def server_with_metrics(
 ) -> Iterator[str]:
     """A float32 server accepting per-request options, in Prometheus multiprocess mode so
     that the plugin's counters (made in the worker) and vLLM's figures share `/metrics`."""
-    flags = ["--dtype", "float32", "--gpu-memory-utilization", "0.3", "--trust-request-mm-kwargs", "--seed", "0", *extra]
+    flags = [
+        "--dtype",
+        "float32",
+        "--gpu-memory-utilization",
+        "0.3",
+        "--trust-request-mm-kwargs",
+        "--seed",
+        "0",
+        *extra,
+    ]
     with pytest.MonkeyPatch.context() as env:
         env.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path_factory.mktemp("prometheus")))
         start = time.monotonic()
-        with running_server(checkpoint, log_path=tmp_path_factory.mktemp("logs") / "serve.log", max_model_len=max_model_len, extra=flags) as url:
+        with running_server(
+            checkpoint, log_path=tmp_path_factory.mktemp("logs") / "serve.log", max_model_len=max_model_len, extra=flags
+        ) as url:
             print(f"server healthy after {time.monotonic() - start:.1f} s")
             yield url
 
@@ -62,9 +73,14 @@ def request_body(chat: Chat) -> dict:
     if chat.options is not None:
         extra["mm_processor_kwargs"] = {"stateful_reduce": chat.options}
     return dict(
-        messages=[{"role": "user", "content": content}], max_tokens=chat.max_tokens, temperature=0.0,
-        logprobs=True, top_logprobs=0, stream=chat.stream, extra_body=extra,
-    )  # fmt: skip
+        messages=[{"role": "user", "content": content}],
+        max_tokens=chat.max_tokens,
+        temperature=0.0,
+        logprobs=True,
+        top_logprobs=0,
+        stream=chat.stream,
+        extra_body=extra,
+    )
 
 
 def token_id(token: str) -> int:
@@ -80,7 +96,12 @@ def send(client: openai.OpenAI, model: str, chat: Chat) -> Answer:
     if not chat.stream:
         choice = out.choices[0]
         items = choice.logprobs.content
-        return Answer(choice.message.content, tuple(token_id(t.token) for t in items), tuple(t.logprob for t in items), choice.finish_reason)
+        return Answer(
+            choice.message.content,
+            tuple(token_id(t.token) for t in items),
+            tuple(t.logprob for t in items),
+            choice.finish_reason,
+        )
     text, items, finish = [], [], None
     for chunk in out:
         for choice in chunk.choices:
@@ -131,8 +152,12 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
 def visual_tokens(server: str, model: str, video: str) -> int:
     """Visual tokens of a prompt with `video`, counted in the server's own `/tokenize`."""
     messages = request_body(Chat(video, None, False, 1))["messages"]
-    tokens = requests.post(server + "/tokenize", json={"model": model, "messages": messages, "add_generation_prompt": True}, timeout=60)
+    tokens = requests.post(
+        server + "/tokenize", json={"model": model, "messages": messages, "add_generation_prompt": True}, timeout=60
+    )
     tokens.raise_for_status()
-    context = requests.post(server + "/tokenize", json={"model": model, "prompt": IMG_CONTEXT, "add_special_tokens": False}, timeout=10)
+    context = requests.post(
+        server + "/tokenize", json={"model": model, "prompt": IMG_CONTEXT, "add_special_tokens": False}, timeout=10
+    )
     (context_id,) = context.json()["tokens"]
     return tokens.json()["tokens"].count(context_id)

@@ -24,10 +24,11 @@ import torch
 from vllm import LLM, SamplingParams
 
 import vllm_stateful_reduce
-
 from vllm_stateful_reduce.model.reduced_stack import ReducibleNemotronHModel
 
-from .conftest import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+from .helpers import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 GLOBAL = {"min_keep": 4}
 SYNCING_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
@@ -96,7 +97,10 @@ def requests(count: int, options: dict | None) -> list[dict]:
     out = []
     for i in range(count):
         video = random_video(12 + 4 * i, seed=10 + i)
-        req = {"prompt": chat_prompt("What is in the video?"), "multi_modal_data": {"video": (video, video_metadata(len(video)))}}
+        req = {
+            "prompt": chat_prompt("What is in the video?"),
+            "multi_modal_data": {"video": (video, video_metadata(len(video)))},
+        }
         if options is not None:
             req["mm_processor_kwargs"] = {"stateful_reduce": options}
         out.append(req)
@@ -134,7 +138,7 @@ def test_reduced_prefill_syncs_do_not_grow_with_requests(llm) -> None:
 # A Triton kernel cannot take a host pointer, and the CPU build cannot show a device
 # mix-up by failing: so every tensor the kernel entry points receive during a reduced
 # forward is checked against the hidden states' device (and index / data dtypes).
-# The references and the Triton kernels share these signatures (kernels/reference.py).
+# torch_ops and the Triton kernels share these signatures (kernels/torch_ops.py).
 
 KERNEL_ENTRY_POINTS = ("attention_scores", "mamba_scores", "gather_rows")
 
@@ -144,11 +148,11 @@ def auditing_kernel_inputs():
     """Yields a list of (entry point, argument name, device, dtype) of every tensor passed."""
     import inspect
 
-    from vllm_stateful_reduce.kernels import reference
-    from vllm_stateful_reduce.kernels.reference import Varlen
+    from vllm_stateful_reduce.kernels import torch_ops
+    from vllm_stateful_reduce.kernels.torch_ops import Varlen
 
     seen: list[tuple[str, str, torch.device, torch.dtype]] = []
-    saved = {name: getattr(reference, name) for name in KERNEL_ENTRY_POINTS}
+    saved = {name: getattr(torch_ops, name) for name in KERNEL_ENTRY_POINTS}
 
     def audited(name, original):
         signature = inspect.signature(original)
@@ -165,11 +169,11 @@ def auditing_kernel_inputs():
 
     try:
         for name, original in saved.items():
-            setattr(reference, name, audited(name, original))
+            setattr(torch_ops, name, audited(name, original))
         yield seen
     finally:
         for name, original in saved.items():
-            setattr(reference, name, original)
+            setattr(torch_ops, name, original)
 
 
 def test_kernel_inputs_live_on_the_hidden_states_device(llm) -> None:
@@ -211,7 +215,10 @@ def test_kernel_inputs_live_on_the_hidden_states_device(llm) -> None:
         else:
             assert dtype.is_floating_point, (name, arg, dtype)
     assert tables and all(t[:2] == (device, device) and t[2] == torch.int64 for t in tables), tables
-    print(f"{len(seen)} kernel inputs in {len(called)} entry points and {len(tables)} stage block tables / slot mappings, all on {device}")
+    print(
+        f"{len(seen)} kernel inputs in {len(called)} entry points and {len(tables)} stage block tables / slot "
+        f"mappings, all on {device}"
+    )
 
 
 # ---------------------------------------------------------------- Model Runner V2
@@ -258,11 +265,20 @@ def test_model_runner_v2_state_hands_the_model_the_v1_batch(llm) -> None:
     assert type(state) is model_state_cls()
     for index, (req_id, *_rest) in enumerate(v1_rows):
         record = records[req_id]
-        state.add_request(index, NewRequestData(
-            req_id=req_id, prompt_token_ids=record.prompt_token_ids, mm_features=record.mm_features,
-            sampling_params=record.sampling_params, pooling_params=None, block_ids=record.block_ids,
-            num_computed_tokens=0, lora_request=None, prefill_token_ids=record.prompt_token_ids,
-        ))  # fmt: skip
+        state.add_request(
+            index,
+            NewRequestData(
+                req_id=req_id,
+                prompt_token_ids=record.prompt_token_ids,
+                mm_features=record.mm_features,
+                sampling_params=record.sampling_params,
+                pooling_params=None,
+                block_ids=record.block_ids,
+                num_computed_tokens=0,
+                lora_request=None,
+                prefill_token_ids=record.prompt_token_ids,
+            ),
+        )
     scheduled = np.array([r[4] for r in v1_rows], dtype=np.int32)
     buffers = InputBuffers(max_num_reqs=4, max_num_tokens=int(scheduled.sum()), device=runner.device)
     batch = dataclasses.replace(

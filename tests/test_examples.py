@@ -22,13 +22,13 @@ import pytest
 import yaml
 
 from vllm_stateful_reduce.config import ReductionConfig, parse
-from vllm_stateful_reduce.encoding import Encoder
-from vllm_stateful_reduce.launch import running_server
-from vllm_stateful_reduce.media import read_video, write_video
-from vllm_stateful_reduce.reference import ReferenceNanoVL
-from vllm_stateful_reduce.tasks import KINDS, TEST_SEEDS, Example, make_example
+from vllm_stateful_reduce.testing.encoding import Encoder
+from vllm_stateful_reduce.testing.launch import running_server
+from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
+from vllm_stateful_reduce.testing.tasks import KINDS, TEST_SEEDS, Example, make_example
+from vllm_stateful_reduce.testing.video_files import read_video, write_video
 
-from .conftest import random_video
+from .helpers import random_video
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -95,7 +95,11 @@ def batch_run(videos, tmp_path_factory):
     work = tmp_path_factory.mktemp("batch")
     questions = work / "questions.jsonl"
     names = [*examples, "broken.mp4"]
-    questions.write_text("".join(json.dumps({"video": n, "question": examples.get(n, examples["count.mp4"]).question}) + "\n" for n in names))
+    questions.write_text(
+        "".join(
+            json.dumps({"video": n, "question": examples.get(n, examples["count.mp4"]).question}) + "\n" for n in names
+        )
+    )
     out = work / "answers.jsonl"
     command = [sys.executable, str(EXAMPLES / "offline_batch.py"), str(folder), "--questions", str(questions),
                "--budget", str(BATCH_BUDGET), "--max-tokens", str(MAX_TOKENS), "--dtype", "float32",
@@ -107,6 +111,7 @@ def batch_run(videos, tmp_path_factory):
     return names, [json.loads(line) for line in out.read_text().splitlines()], done.stderr
 
 
+@pytest.mark.engine
 def test_batch_job_answers_every_video_like_the_reference(batch_run, videos, reference_answers) -> None:
     names, lines, stderr = batch_run
     _, examples = videos
@@ -121,7 +126,9 @@ def test_batch_job_answers_every_video_like_the_reference(batch_run, videos, ref
         timing = line["timing"]
         assert timing["first_token_s"] >= timing["prefill_s"] > 0 and timing["decode_s"] >= 0, timing
     right = sum(line["answer"] == examples[line["video"]].answer for line in lines[:-1])
-    print(f"batch at {BATCH_BUDGET}: {right}/{len(lines) - 1} task answers right; kept {lines[0]['kept_visual_tokens']}")
+    print(
+        f"batch at {BATCH_BUDGET}: {right}/{len(lines) - 1} task answers right; kept {lines[0]['kept_visual_tokens']}"
+    )
     assert re.search(rf"{len(names)}/{len(names)} \[", stderr), stderr[-2000:]  # the progress bar's last state
     assert f"{len(names) - 1}/{len(names)} videos answered" in stderr
 
@@ -130,7 +137,9 @@ def test_batch_job_options(videos, tmp_path) -> None:
     """Argument handling without an engine: questions, the reduction switch, bad input."""
     batch = load_example("offline_batch")
     folder, examples = videos
-    args = batch.parse_args([str(folder), "--question", "What is shown?", "--no-reduction", "--out", str(tmp_path / "o.jsonl")])
+    args = batch.parse_args(
+        [str(folder), "--question", "What is shown?", "--no-reduction", "--out", str(tmp_path / "o.jsonl")]
+    )
     assert [job.video for job in args.jobs] == sorted([*examples, "broken.mp4"])
     assert batch.engine_kwargs(args, args.reduction)["additional_config"] == {"stateful_reduce": {"enabled": False}}
     args = batch.parse_args([str(folder), "--question", "?", "--budget", "0.5", "--out", "o.jsonl"])
@@ -144,15 +153,27 @@ def test_batch_job_options(videos, tmp_path) -> None:
         "budget 0.05": (["--question", "?", "--budget", "0.05"], "budget: 0.05 is below the smallest depth average"),
         "no question": ([], "one of the arguments --question --questions is required"),
         "not JSON": (["--questions", str(bad)], "line 1: not JSON", "{oops"),
-        "no question field": (["--questions", str(bad)], "line 2: needs a non-empty string 'question'", '{"video": "order.mp4", "question": "?"}\n{"video": "order.mp4"}'),
-        "unknown video": (["--questions", str(bad)], "line 1: video 'nope.mp4' is not a file", '{"video": "nope.mp4", "question": "?"}'),
+        "no question field": (
+            ["--questions", str(bad)],
+            "line 2: needs a non-empty string 'question'",
+            '{"video": "order.mp4", "question": "?"}\n{"video": "order.mp4"}',
+        ),
+        "unknown video": (
+            ["--questions", str(bad)],
+            "line 1: video 'nope.mp4' is not a file",
+            '{"video": "nope.mp4", "question": "?"}',
+        ),
         "max tokens 0": (["--question", "?", "--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
-    }  # fmt: skip
+    }
     for case, (argv, message, *content) in cases.items():
         if content:
             bad.write_text(content[0])
-        completed = subprocess.run([sys.executable, str(EXAMPLES / "offline_batch.py"), str(folder), *argv, "--out", "x"],
-                                   capture_output=True, text=True, timeout=120)  # fmt: skip
+        completed = subprocess.run(
+            [sys.executable, str(EXAMPLES / "offline_batch.py"), str(folder), *argv, "--out", "x"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert completed.returncode == 2 and message in completed.stderr, (case, completed.stderr[-500:])
 
 
@@ -200,20 +221,29 @@ def client_answers(server_url: str, videos, *options: str) -> dict[str, str]:
     answers = {}
     for question in sorted({e.question for e in examples.values()}):
         names = [n for n, e in examples.items() if e.question == question]
-        for name, line in zip(names, run_client(server_url, [folder / n for n in names], question, *options)):
+        for name, line in zip(
+            names, run_client(server_url, [folder / n for n in names], question, *options), strict=True
+        ):
             assert line["video"] == str(folder / name) and line["prompt_tokens"] > NUM_FRAMES * 4
             answers[name] = line["answer"]
     return answers
 
 
+@pytest.mark.engine
 def test_client_default_budget_off_switch_and_per_request_budget(server, videos, reference_answers, batch_run) -> None:
     url, _ = server
     answers = {
         "server default (25%)": (client_answers(url, videos), {}),
         "--no-reduction": (client_answers(url, videos, "--no-reduction"), {"enabled": False}),
-        f"--budget {BATCH_BUDGET}": (client_answers(url, videos, "--budget", str(BATCH_BUDGET)), {"budget": BATCH_BUDGET}),
-        f"--budget {BATCH_BUDGET} --by-path": (client_answers(url, videos, "--budget", str(BATCH_BUDGET), "--by-path"), {"budget": BATCH_BUDGET}),
-    }  # fmt: skip
+        f"--budget {BATCH_BUDGET}": (
+            client_answers(url, videos, "--budget", str(BATCH_BUDGET)),
+            {"budget": BATCH_BUDGET},
+        ),
+        f"--budget {BATCH_BUDGET} --by-path": (
+            client_answers(url, videos, "--budget", str(BATCH_BUDGET), "--by-path"),
+            {"budget": BATCH_BUDGET},
+        ),
+    }
     for mode, (got, options) in answers.items():
         expected = {name: answer for name, (answer, _) in reference_answers(options).items()}
         print(f"{mode}: {got}")
@@ -223,6 +253,7 @@ def test_client_default_budget_off_switch_and_per_request_budget(server, videos,
     assert answers[f"--budget {BATCH_BUDGET}"][0] == {line["video"]: line["answer"] for line in lines[:-1]}
 
 
+@pytest.mark.engine
 def test_client_per_request_option_reaches_the_model(server, videos) -> None:
     """A budget the 13-block model cannot reach is served unreduced and logged: the option
     got through `extra_body` to the model (a valid one changes no answer of this robust model)."""
@@ -236,6 +267,7 @@ def test_client_per_request_option_reaches_the_model(server, videos) -> None:
     assert "served unreduced: infeasible: budget: 0.05" in log.read_text()
 
 
+@pytest.mark.engine
 def test_client_reports_a_refused_request(server, videos) -> None:
     url, _ = server
     folder, examples = videos
@@ -243,10 +275,13 @@ def test_client_reports_a_refused_request(server, videos) -> None:
                "--base-url", url + "/v1", "--budget", "1.5"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "stateful_reduce.budget must be in (0, 1], got 1.5" in done.stderr, done.stderr
-    outside = subprocess.run([*command[:2], "/etc/hostname", *command[3:-2], "--by-path"], capture_output=True, text=True, timeout=120)
+    outside = subprocess.run(
+        [*command[:2], "/etc/hostname", *command[3:-2], "--by-path"], capture_output=True, text=True, timeout=120
+    )
     assert outside.returncode == 1 and "--allowed-local-media-path" in outside.stderr, outside.stderr
 
 
+@pytest.mark.engine
 def test_server_started_with_the_scripts_settings(server) -> None:
     _, log = server
     text = log.read_text()
@@ -261,11 +296,15 @@ def serve_script_argv(tmp_path: Path, **env: str) -> tuple[int, list[str], str]:
     """The argv the script hands to `vllm` (a stand-in that records it), and its exit code."""
     record = tmp_path / "argv.json"
     fake = tmp_path / "fake-vllm"
-    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                    f"json.dump({{'argv': sys.argv[1:], 'plugins': os.environ.get('VLLM_PLUGINS')}}, open({str(record)!r}, 'w'))\n")  # fmt: skip
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"json.dump({{'argv': sys.argv[1:], 'plugins': os.environ.get('VLLM_PLUGINS')}}, open({str(record)!r}, 'w'))\n"
+    )
     fake.chmod(0o755)
     clean = {k: v for k, v in os.environ.items() if k not in ("MODEL", "VIDEO_DIR", "VLLM_PLUGINS")}
-    done = subprocess.run(["bash", str(SERVE_SCRIPT)], env={**clean, "VLLM": str(fake), **env}, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(SERVE_SCRIPT)], env={**clean, "VLLM": str(fake), **env}, capture_output=True, text=True, timeout=60
+    )
     recorded = json.loads(record.read_text()) if record.exists() else {"argv": [], "plugins": None}
     return done.returncode, recorded["argv"], (recorded["plugins"] or "") + done.stderr
 
@@ -278,7 +317,11 @@ def test_serve_script_flags_are_what_vllm_serve_parses(tmp_path) -> None:
 
     assert subprocess.run(["bash", "-n", str(SERVE_SCRIPT)]).returncode == 0
     code, argv, plugins = serve_script_argv(tmp_path, VIDEO_DIR=str(tmp_path))
-    assert code == 0 and argv[:2] == ["serve", "nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16"] and plugins == "stateful_reduce"
+    assert (
+        code == 0
+        and argv[:2] == ["serve", "nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16"]
+        and plugins == "stateful_reduce"
+    )
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv[1:])  # expands --config
     assert args.model_tag == "nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16" and args.plugin == "stateful-reduce"
     defaults = yaml.safe_load((EXAMPLES / "reduction_config.yaml").read_text())["additional-config"]
@@ -311,7 +354,9 @@ def test_readme_configuration_table_is_generated_from_the_model() -> None:
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     rendered = table.render()
-    assert table.readme_table((ROOT / "README.md").read_text()) == rendered, "run python scripts/config_table.py --write"
+    assert table.readme_table((ROOT / "README.md").read_text()) == rendered, (
+        "run python scripts/config_table.py --write"
+    )
     rows = rendered.splitlines()[2:]
     assert [re.match(r"\| `(\w+)` ", row).group(1) for row in rows] == list(ReductionConfig.model_fields)
     assert table.with_table(f"a\n{table.BEGIN}\nold\n{table.END}\nb", "new") == f"a\n{table.BEGIN}\nnew\n{table.END}\nb"

@@ -22,10 +22,14 @@ def test_manager_block_slots_match_the_kernel_block_table() -> None:
     spec = FullAttentionSpec(block_size=manager, num_kv_heads=2, head_size=32, dtype=torch.float32)
     per_block = manager // kernel
     group = AttentionGroup(
-        CPUAttentionBackend, ["layer"], spec, 0, kernel_block_size=kernel,
+        CPUAttentionBackend,
+        ["layer"],
+        spec,
+        0,
+        kernel_block_size=kernel,
         kernel_block_table=torch.zeros(1, requests, width * per_block, dtype=torch.int32),
         kernel_block_offsets=torch.arange(per_block, dtype=torch.int32),
-    )  # fmt: skip
+    )
     table = torch.randperm(40, generator=g)[: requests * width].view(requests, width).int() + 1
     request = torch.randint(0, requests, (500,), generator=g)
     logical = torch.randint(0, width * manager, (500,), generator=g)
@@ -33,7 +37,9 @@ def test_manager_block_slots_match_the_kernel_block_table() -> None:
     kernel_table = group.map_to_kernel_block_table(table)
     kernel_slots = kernel_table[request, logical // kernel].long() * kernel + logical % kernel
     assert torch.equal(slots, kernel_slots)
-    assert len(set(slots.tolist())) == len(set(zip(request.tolist(), logical.tolist())))  # no two positions share a slot
+    assert len(set(slots.tolist())) == len(
+        set(zip(request.tolist(), logical.tolist(), strict=True))
+    )  # no two positions share a slot
 
 
 def test_attention_backends_the_plugin_does_not_rebuild_are_refused() -> None:

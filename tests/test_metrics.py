@@ -14,14 +14,16 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from vllm_stateful_reduce.checkpoint import CheckpointSpec
 from vllm_stateful_reduce.config import parse
-from vllm_stateful_reduce.launch import running_server
-from vllm_stateful_reduce.media import video_data_url, write_video
-from vllm_stateful_reduce.model.config import IMG_CONTEXT
+from vllm_stateful_reduce.model.hf_config import IMG_CONTEXT
 from vllm_stateful_reduce.schedule import build_schedule
+from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec
+from vllm_stateful_reduce.testing.launch import running_server
+from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
-from .conftest import random_video
+from .helpers import random_video
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 PREFIX = "vllm:stateful_reduce_"
 QUESTION = "What happens in this video?"
@@ -81,11 +83,15 @@ def messages(video_url: str | None) -> list[dict]:
 
 def prompt_visual_tokens(server: str, model: str, video_url: str) -> int:
     """Visual tokens of the request's prompt, from the server's own tokenization."""
-    r = requests.post(server + "/tokenize", json={"model": model, "messages": messages(video_url),
-                                                 "add_generation_prompt": True}, timeout=60)  # fmt: skip
+    r = requests.post(
+        server + "/tokenize",
+        json={"model": model, "messages": messages(video_url), "add_generation_prompt": True},
+        timeout=60,
+    )
     r.raise_for_status()
-    context_id = requests.post(server + "/tokenize", json={"model": model, "prompt": IMG_CONTEXT,
-                                                            "add_special_tokens": False}, timeout=10).json()["tokens"]  # fmt: skip
+    context_id = requests.post(
+        server + "/tokenize", json={"model": model, "prompt": IMG_CONTEXT, "add_special_tokens": False}, timeout=10
+    ).json()["tokens"]
     assert len(context_id) == 1
     return r.json()["tokens"].count(context_id[0])
 
@@ -120,9 +126,12 @@ def test_figures_match_the_requests(client, server, video_url) -> None:
     start = time.monotonic()
     for options, _ in REQUESTS.values():
         out = client.chat.completions.create(
-            model=model, max_tokens=3, temperature=0.0, messages=messages(video_url),
+            model=model,
+            max_tokens=3,
+            temperature=0.0,
+            messages=messages(video_url),
             extra_body={"mm_processor_kwargs": {"stateful_reduce": options}},
-        )  # fmt: skip
+        )
         assert out.choices[0].finish_reason
     text_only = client.chat.completions.create(model=model, max_tokens=3, messages=messages(None))
     assert text_only.choices[0].finish_reason
@@ -138,7 +147,9 @@ def test_figures_match_the_requests(client, server, video_url) -> None:
     print("got:     ", sorted(got.items()))
     assert got == expected
 
-    work = {dict(k[1])["phase"]: after[k] - before.get(k, 0.0) for k in after if k != "labels" and "work_seconds" in k[0]}
+    work = {
+        dict(k[1])["phase"]: after[k] - before.get(k, 0.0) for k in after if k != "labels" and "work_seconds" in k[0]
+    }
     print("reduction work seconds:", work, "of", round(elapsed, 2), "s of requests")
     assert set(work) == {"plan", "metadata", "scoring", "selection", "compaction"}
     assert all(v > 0 for v in work.values()), work  # two reduced prefills ran every phase

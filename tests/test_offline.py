@@ -9,12 +9,13 @@ import pytest
 import torch
 from vllm import LLM, SamplingParams
 
-from vllm_stateful_reduce.checkpoint import export_language_model
-from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
+from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 from vllm_stateful_reduce.model.processing import frames_to_pixel_values
-from vllm_stateful_reduce.reference import ReferenceNanoVL
+from vllm_stateful_reduce.testing.checkpoint import export_language_model
 
-from .conftest import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+from .helpers import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +23,6 @@ def llm(checkpoint):
     llm = LLM(**engine_kwargs(checkpoint, additional_config={"stateful_reduce": {"enabled": False}}))
     yield llm
     shutdown(llm)
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint) -> ReferenceNanoVL:
-    return ReferenceNanoVL(checkpoint)
 
 
 def video_request(question: str, *videos: np.ndarray) -> dict:
@@ -41,7 +37,11 @@ def _worker_probe(worker) -> dict:
 
     import vllm_stateful_reduce
 
-    return {"pid": os.getpid(), "registered": vllm_stateful_reduce._registered, "model": type(worker.model_runner.model).__name__}
+    return {
+        "pid": os.getpid(),
+        "registered": vllm_stateful_reduce._registered,
+        "model": type(worker.model_runner.model).__name__,
+    }
 
 
 def test_entry_point_is_discovered_in_engine_processes(llm) -> None:
@@ -60,7 +60,7 @@ def test_batch_of_videos_with_different_lengths(llm, checkpoint) -> None:
     requests.append({"prompt": chat_prompt("Hello there.", with_video=False)})
     outputs = llm.generate(requests, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     context_id = llm.get_tokenizer().convert_tokens_to_ids("<image>")
-    for out, frames in zip(outputs, frame_counts + [5, 0]):
+    for out, frames in zip(outputs, frame_counts + [5, 0], strict=True):
         assert out.prompt_token_ids.count(context_id) == frames * tokens_per_frame
         assert len(out.outputs[0].token_ids) == 12 and out.outputs[0].text.strip()
 
@@ -82,8 +82,10 @@ def test_video_prompt_logprobs_match_reference(llm, reference, checkpoint) -> No
         for token_id, lp in out.prompt_logprobs[pos].items():
             diffs.append(abs(lp.logprob - ref[pos - 1, token_id].item()))
             video_effect.append(abs(blind[pos - 1, token_id].item() - ref[pos - 1, token_id].item()))
-    print(f"video prompt: {len(diffs)} logprobs, max |delta| vs reference {max(diffs):.2e}; "
-          f"max effect of the video itself {max(video_effect):.2e}")
+    print(
+        f"video prompt: {len(diffs)} logprobs, max |delta| vs reference {max(diffs):.2e}; "
+        f"max effect of the video itself {max(video_effect):.2e}"
+    )
     assert max(video_effect) > 1e-2  # the comparison can see a wrong vision path
     assert max(diffs) < 1e-5  # measured 7.9e-7
 
@@ -106,13 +108,15 @@ def test_text_logprobs_match_transformers_and_in_tree_nemotron_h(llm, reference,
     finally:
         shutdown(in_tree_llm)
     vs_hf, vs_in_tree = [], []
-    for prompt, our_rows, tree_rows in zip(prompts, ours, in_tree):
+    for prompt, our_rows, tree_rows in zip(prompts, ours, in_tree, strict=True):
         hf = torch.log_softmax(reference.lm(torch.tensor([prompt])).logits[0].double(), -1)
-        for pos, (row, tree_row) in enumerate(zip(our_rows, tree_rows)):
+        for pos, (row, tree_row) in enumerate(zip(our_rows, tree_rows, strict=True)):
             assert row.keys() == tree_row.keys()
             vs_hf += [abs(lp - hf[pos, t].item()) for t, lp in row.items()]
             vs_in_tree += [abs(lp - tree_row[t]) for t, lp in row.items()]
-    print(f"text: {len(vs_hf)} prompt logprobs; max |delta| vs transformers {max(vs_hf):.2e}, "
-          f"vs in-tree NemotronHForCausalLM {max(vs_in_tree):.2e}")
+    print(
+        f"text: {len(vs_hf)} prompt logprobs; max |delta| vs transformers {max(vs_hf):.2e}, "
+        f"vs in-tree NemotronHForCausalLM {max(vs_in_tree):.2e}"
+    )
     assert max(vs_hf) < 2e-5  # measured 3.0e-6
     assert max(vs_in_tree) < 1e-6  # measured 0 (same kernels, same weights)

@@ -11,7 +11,7 @@ from vllm_stateful_reduce import log
 from vllm_stateful_reduce.config import ConfigError, parse, request_overrides
 from vllm_stateful_reduce.vllm_compat import RequestError, check_request_options
 
-from .conftest import engine_kwargs
+from .helpers import engine_kwargs
 
 
 @pytest.mark.parametrize(
@@ -26,8 +26,15 @@ from .conftest import engine_kwargs
         ({"sigmoid_temperature": 0}, "stateful_reduce.sigmoid_temperature must be a number > 0, got 0"),
         ({"enabled": "yes"}, 'stateful_reduce.enabled must be true or false, got "yes"'),
         ({"score_norm": "max"}, 'stateful_reduce.score_norm must be one of "zscore", "sum", got "max"'),
-        ({"schedule": 3}, 'stateful_reduce.schedule must be one of "sigmoid", "step", "geometric" or a list of per-stage keep ratios, got 3'),
-        ({"boundaries": [5, 2]}, "stateful_reduce.boundaries must be distinct, increasing, non-negative block indices, got [5, 2]"),
+        (
+            {"schedule": 3},
+            'stateful_reduce.schedule must be one of "sigmoid", "step", "geometric" or a list of per-stage keep '
+            "ratios, got 3",
+        ),
+        (
+            {"boundaries": [5, 2]},
+            "stateful_reduce.boundaries must be distinct, increasing, non-negative block indices, got [5, 2]",
+        ),
         ({"budgt": 0.3}, "stateful_reduce.budgt is not an option (options: enabled, budget,"),
         ({"schedule": [0.5, 0.2], "boundaries": [3]}, "stateful_reduce: schedule has 2 ratios for 1 boundaries"),
         ([0.5], 'stateful_reduce must be an object like {"budget": 0.5}, got [0.5]'),
@@ -60,6 +67,7 @@ def test_request_errors_are_vllm_400s_and_value_errors() -> None:
     assert len(json.dumps(body.model_dump())) < 300
 
 
+@pytest.mark.engine
 def test_server_default_options_are_checked_at_start_up(checkpoint) -> None:
     kwargs = engine_kwargs(checkpoint, mm_processor_kwargs={"stateful_reduce": {"budget": 0}})
     kwargs.pop("seed")

@@ -27,7 +27,9 @@ def prompt(num_frames: int, question: int) -> list[int]:
 
 
 def info(req_id: str, ids: list[int], computed: int = 0, scheduled: int | None = None, config=CONFIG, outputs: int = 0):
-    return RequestInfo(req_id, len(ids), config, computed, scheduled if scheduled is not None else len(ids) + outputs, ids)
+    return RequestInfo(
+        req_id, len(ids), config, computed, scheduled if scheduled is not None else len(ids) + outputs, ids
+    )
 
 
 def schedule_for(config):
@@ -48,12 +50,25 @@ def test_plan_counts_per_stage() -> None:
     plan = plan_step(batch, {"decoding": [0, 10, 15, 20]}, VIS, schedule_for, num_stages=4)
     assert plan.active
     assert [r.req_id for r in plan.reducing] == ["reduced", "recompute"]
-    assert plan.dropped == {"reduced": [24 - k for k in keep], "off": [], "text": [], "silent": [], "recompute": [24 - k for k in keep]}
+    assert plan.dropped == {
+        "reduced": [24 - k for k in keep],
+        "off": [],
+        "text": [],
+        "silent": [],
+        "recompute": [24 - k for k in keep],
+    }
     assert [(s.req_id, s.reason, s.num_visual) for s in plan.skipped] == [("silent", "no_text_after_video", 8)]
     assert [(s.req_id, s.reason, s.num_visual) for s in plan.disabled] == [("off", "disabled", 24)]
     n = len(video)
     for j in range(4):
-        assert plan.rows[j].tolist() == [1, n - 24 + keep[j], n, 4, len(batch[4].prompt_token_ids), n + 3 - 24 + keep[j]]
+        assert plan.rows[j].tolist() == [
+            1,
+            n - 24 + keep[j],
+            n,
+            4,
+            len(batch[4].prompt_token_ids),
+            n + 3 - 24 + keep[j],
+        ]
         assert plan.num_computed[j].tolist() == [n + 3 - [0, 10, 15, 20][j], 0, 0, 0, 0, 0]
     assert [plan.changes(j) for j in range(4)] == [False, True, True, True]
     device = plan.upload(torch.device("cpu"))
@@ -61,7 +76,7 @@ def test_plan_counts_per_stage() -> None:
         starts = np.concatenate([[0], np.cumsum(plan.rows[j])[:-1]])
         prompt_rows = [n - 24 + keep[j], n - 24 + keep[j]]  # outputs of the recompute are not keys of the question
         assert device.keys[j].starts == (starts[1], starts[5]) and device.keys[j].lengths == tuple(prompt_rows)
-        want = [s + p - 5 + i for s, p in zip((starts[1], starts[5]), prompt_rows) for i in range(5)]
+        want = [s + p - 5 + i for s, p in zip((starts[1], starts[5]), prompt_rows, strict=True) for i in range(5)]
         assert device.query_rows[j].tolist() == want
         assert device.seq_lens[j].tolist() == plan.seq_lens[j].tolist()
     visual = [i for i, t in enumerate(video) if t == VIS.context_token_id]
@@ -82,8 +97,13 @@ def test_plain_steps_are_not_active() -> None:
 def test_batched_selection_matches_a_per_request_loop() -> None:
     """Three reducing requests between two plain ones; random scores; stable ties."""
     g = torch.Generator().manual_seed(0)
-    layout = [("plain", 7), ("red", (30, [2, 3, 5, 8, 9, 10, 14, 15, 20, 21, 22])), ("plain", 1),
-              ("red", (12, [0, 1, 2, 3, 4, 5, 6])), ("red", (25, list(range(3, 23))))]  # fmt: skip
+    layout = [
+        ("plain", 7),
+        ("red", (30, [2, 3, 5, 8, 9, 10, 14, 15, 20, 21, 22])),
+        ("plain", 1),
+        ("red", (12, [0, 1, 2, 3, 4, 5, 6])),
+        ("red", (25, list(range(3, 23)))),
+    ]
     starts, rows, pads = [], [], max(len(v) for kind, v in layout if kind == "red" for v in [v[1]])
     offset = 0
     for kind, spec in layout:
@@ -114,4 +134,7 @@ def test_batched_selection_matches_a_per_request_loop() -> None:
         assert index[after.rows[r, :k]].tolist() == want_kept[r]  # new rows point at the chosen old rows
         assert after.positions[r, :k].tolist() == [v + 1000 for v in want_kept[r]]
         assert torch.all(after.rows[r, k:] == -1) and torch.all(after.positions[r, k:] == -1)
-        assert torch.equal(after.scores[r, :k], scores[r][torch.searchsorted(visual[r, : int((visual[r] >= 0).sum())], torch.tensor(want_kept[r]))])
+        assert torch.equal(
+            after.scores[r, :k],
+            scores[r][torch.searchsorted(visual[r, : int((visual[r] >= 0).sum())], torch.tensor(want_kept[r]))],
+        )

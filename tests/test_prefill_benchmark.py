@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,9 @@ from benchmarks.flop_model import (
     scan_flops,
     visual_per_block,
 )
-from vllm_stateful_reduce.checkpoint import CheckpointSpec
 from vllm_stateful_reduce.config import parse
 from vllm_stateful_reduce.schedule import build_schedule
+from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = CheckpointSpec(pattern="M*-M-M*-", chunk_size=16, seed=3)  # 2 of 8 Mamba heads per group, GQA 2:1
@@ -93,7 +94,7 @@ def test_flop_model_matches_the_counter_on_transformers_nemotron_h(tokens: int) 
 
 
 def test_flop_model_dims_of_a_built_checkpoint(tmp_path: Path) -> None:
-    from vllm_stateful_reduce.checkpoint import build_checkpoint, export_language_model
+    from vllm_stateful_reduce.testing.checkpoint import build_checkpoint, export_language_model
 
     checkpoint = build_checkpoint(tmp_path / "vl", TINY)
     dims = ModelDims.from_checkpoint(checkpoint)
@@ -105,14 +106,32 @@ def test_flop_model_dims_of_a_built_checkpoint(tmp_path: Path) -> None:
 NANO_PROMPT = PromptTokens(visual=32 * 256, text=32 * 13 + 40, query=30)
 
 
-@pytest.mark.parametrize("dims", [NANO_12B_V2, replace(NANO_12B_V2, hidden=320, attention_heads=10, kv_heads=2, head_dim=32, mamba_heads=20, mamba_head_dim=32, state=64, groups=4, ffn=1280)], ids=["12b", "small"])
+@pytest.mark.parametrize(
+    "dims",
+    [
+        NANO_12B_V2,
+        replace(
+            NANO_12B_V2,
+            hidden=320,
+            attention_heads=10,
+            kv_heads=2,
+            head_dim=32,
+            mamba_heads=20,
+            mamba_head_dim=32,
+            state=64,
+            groups=4,
+            ffn=1280,
+        ),
+    ],
+    ids=["12b", "small"],
+)
 def test_ratio_is_one_without_reduction_and_grows_as_the_budget_shrinks(dims: ModelDims) -> None:
     assert reduction_ratio(dims, NANO_PROMPT, parse({"budget": 1.0}))["total"] == 1.0
     assert reduction_ratio(dims, NANO_PROMPT, parse({"enabled": False}))["total"] == 1.0
     no_query = replace(NANO_PROMPT, query=0)  # the plugin serves it unreduced
     assert reduction_ratio(dims, no_query, parse({"budget": 0.25}))["total"] == 1.0
     ratios = [reduction_ratio(dims, NANO_PROMPT, parse({"budget": b}))["total"] for b in (0.75, 0.5, 0.35, 0.25)]
-    assert all(a < b for a, b in zip(ratios, ratios[1:])), ratios
+    assert all(a < b for a, b in pairwise(ratios)), ratios
     # the quadratic attention core gains more than the rows do
     at_25 = reduction_ratio(dims, NANO_PROMPT, parse({"budget": 0.25}))
     assert at_25["attention"] > at_25["linear"] > 1
@@ -128,7 +147,11 @@ def test_linear_ratio_is_the_token_cap_when_every_block_costs_the_same() -> None
     ratio = reduction_ratio(dims, prompt, config)
     schedule = build_schedule(dims.pattern, config)
     kept = schedule.depth_average(schedule.keep_counts(prompt.visual, config.min_keep), len(dims.pattern))
-    assert ratio["total"] == ratio["linear"] == pytest.approx((prompt.visual + prompt.text) / (kept + prompt.text), rel=1e-12)
+    assert (
+        ratio["total"]
+        == ratio["linear"]
+        == pytest.approx((prompt.visual + prompt.text) / (kept + prompt.text), rel=1e-12)
+    )
     assert ratio["linear"] == pytest.approx((4096 + 211) / (0.25 * 4096 + 211), rel=1e-3)
     # with the real layout, blocks differ in cost by kind: still within 2% of the cap
     nano = reduction_ratio(NANO_12B_V2, NANO_PROMPT, parse({"budget": 0.25}))["linear"]
@@ -160,6 +183,7 @@ def test_attention_core_counts_causal_pairs() -> None:
     assert prefill_flops(dims, PromptTokens(0, 10, 5)).attention == 6 * attention_core_flops(dims, 10)
 
 
+@pytest.mark.engine
 def test_quick_run_end_to_end(tmp_path: Path) -> None:
     """The script at its smallest (two engines, ~2 min): every configuration measured,
     the summary complete and sane."""
@@ -175,8 +199,16 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     assert out_png.stat().st_size > 10_000
     report = json.loads(out_json.read_text())
     s = report["summary"]
-    keys = ("speedup_at_25", "visual_tokens", "theoretical_ratio_at_25", "efficiency_at_25", "overhead_fraction",
-            "evs_ours_speedup", "decode_ratio", "plugin_tax")  # fmt: skip
+    keys = (
+        "speedup_at_25",
+        "visual_tokens",
+        "theoretical_ratio_at_25",
+        "efficiency_at_25",
+        "overhead_fraction",
+        "evs_ours_speedup",
+        "decode_ratio",
+        "plugin_tax",
+    )
     assert all(s[k] is not None for k in keys), s
     assert s["visual_tokens"] == 1024
     configs = report["prefill"]["1024"]["configs"]

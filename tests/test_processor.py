@@ -6,15 +6,13 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
+from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 from vllm_stateful_reduce.model.processing import (
     NanoVLVideoPreprocessor,
     frames_to_pixel_values,
 )
 
-from vllm_stateful_reduce.reference import ReferenceNanoVL
-
-from .conftest import chat_prompt, random_video, video_metadata
+from .helpers import chat_prompt, random_video, video_metadata
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -25,7 +23,11 @@ def pil_reference(frames: np.ndarray, size: int) -> np.ndarray:
         [
             np.stack(
                 [
-                    np.asarray(Image.fromarray(frame[..., c].astype(np.float32), mode="F").resize((size, size), Image.Resampling.BICUBIC))
+                    np.asarray(
+                        Image.fromarray(frame[..., c].astype(np.float32), mode="F").resize(
+                            (size, size), Image.Resampling.BICUBIC
+                        )
+                    )
                     for c in range(3)
                 ]
             )
@@ -36,13 +38,10 @@ def pil_reference(frames: np.ndarray, size: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint) -> ReferenceNanoVL:
-    return ReferenceNanoVL(checkpoint)
-
-
-@pytest.fixture(scope="module")
 def processor(checkpoint) -> NanoVLVideoPreprocessor:
-    return NanoVLVideoPreprocessor(NemotronNanoVLConfig.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint))
+    return NanoVLVideoPreprocessor(
+        NemotronNanoVLConfig.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
+    )
 
 
 # downscale, upscale, identity, odd aspect; the real 512 px frame size too

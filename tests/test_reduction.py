@@ -5,17 +5,20 @@ the attention blocks, attention + Mamba scores); min_keep is lowered so the smal
 videos here are reduced by the schedule rather than by the floor.
 """
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 from vllm import LLM, SamplingParams
 
 from vllm_stateful_reduce.config import parse
-from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
+from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 from vllm_stateful_reduce.model.processing import frames_to_pixel_values
-from vllm_stateful_reduce.reference import ReferenceNanoVL
 from vllm_stateful_reduce.schedule import build_schedule, stage_sizes
 
-from .conftest import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+from .helpers import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 GLOBAL = {"min_keep": 4}
 DECODE_TOKENS = 16
@@ -26,11 +29,6 @@ def llm(checkpoint):
     llm = LLM(**engine_kwargs(checkpoint, additional_config={"stateful_reduce": GLOBAL}))
     yield llm
     shutdown(llm)
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint) -> ReferenceNanoVL:
-    return ReferenceNanoVL(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +47,10 @@ def request(video: np.ndarray | None, question: str = "Which frame shows the red
 
 def engine_state(llm) -> dict:
     return llm.llm_engine.collective_rpc(
-        lambda w: {"kept": dict(w.model_runner.model.reduction_state.kept), "skipped": dict(w.model_runner.model.reduction_state.skipped)}
+        lambda w: {
+            "kept": dict(w.model_runner.model.reduction_state.kept),
+            "skipped": dict(w.model_runner.model.reduction_state.skipped),
+        }
     )[0]
 
 
@@ -94,7 +95,11 @@ def test_mixed_batch_matches_reference(mixed_batch, reference, hf_config) -> Non
         video, options = cases[name]
         out = outputs[name]
         config = parse(GLOBAL).with_overrides(options)
-        pixels = [frames_to_pixel_values(video, hf_config.force_image_size, hf_config.norm_mean, hf_config.norm_std)] if video is not None else []
+        pixels = (
+            [frames_to_pixel_values(video, hf_config.force_image_size, hf_config.norm_mean, hf_config.norm_std)]
+            if video is not None
+            else []
+        )
         tokens, logprobs, kept = reference.greedy(out.prompt_token_ids, pixels, config, DECODE_TOKENS)
         assert list(out.outputs[0].token_ids) == tokens, name
         ours = kept_of(state, name)
@@ -103,7 +108,11 @@ def test_mixed_batch_matches_reference(mixed_batch, reference, hf_config) -> Non
             assert len(ours[-1]) < len(ours[0])
         else:
             assert ours is None, name
-        diff = max(abs(lp.logprob - logprobs[i, t].item()) for i, step in enumerate(out.outputs[0].logprobs) for t, lp in step.items())
+        diff = max(
+            abs(lp.logprob - logprobs[i, t].item())
+            for i, step in enumerate(out.outputs[0].logprobs)
+            for t, lp in step.items()
+        )
         worst = max(worst, diff)
     print(f"mixed batch, {DECODE_TOKENS} greedy tokens each: max |delta logprob| vs reference {worst:.2e}")
     assert worst < 1e-4
@@ -117,15 +126,19 @@ def test_budget_is_the_depth_average_and_override_is_per_request(mixed_batch, hf
         schedule = build_schedule(pattern, parse(GLOBAL | {"budget": budget}))
         counts = [len(k) for k in kept]
         sizes = stage_sizes(len(pattern), schedule.boundaries)
-        measured = sum(n * k for n, k in zip(sizes, counts)) / len(pattern)
-        print(f"{name}: kept per stage {counts}, depth average {measured:.2f} tokens vs budget {budget * counts[0]:.2f}")
+        measured = sum(n * k for n, k in zip(sizes, counts, strict=True)) / len(pattern)
+        print(
+            f"{name}: kept per stage {counts}, depth average {measured:.2f} tokens vs budget {budget * counts[0]:.2f}"
+        )
         assert abs(measured - budget * counts[0]) <= 1.0  # within one token per block on average
         assert counts == schedule.keep_counts(counts[0], GLOBAL["min_keep"])
 
 
 def test_budget_one_is_identical_to_reduction_off(llm) -> None:
     video = random_video(16, seed=4)
-    full, off = llm.generate([request(video, options={"budget": 1.0}), request(video, options={"enabled": False})], params())
+    full, off = llm.generate(
+        [request(video, options={"budget": 1.0}), request(video, options={"enabled": False})], params()
+    )
     assert full.outputs[0].token_ids == off.outputs[0].token_ids
     assert [{t: lp.logprob for t, lp in s.items()} for s in full.outputs[0].logprobs] == [
         {t: lp.logprob for t, lp in s.items()} for s in off.outputs[0].logprobs
@@ -142,7 +155,9 @@ def test_video_without_question_is_served_unreduced_and_counted(llm) -> None:
     assert engine_state(llm)["skipped"].get("no_text_after_video", 0) == before + 1
 
 
-@pytest.mark.parametrize("options,field", [({"budget": 2.0}, "budget"), ({"schedule": "step"}, "schedule"), ("half", "stateful_reduce")])
+@pytest.mark.parametrize(
+    "options,field", [({"budget": 2.0}, "budget"), ({"schedule": "step"}, "schedule"), ("half", "stateful_reduce")]
+)
 def test_invalid_per_request_options_are_value_errors(llm, options, field) -> None:
     with pytest.raises(ValueError, match=field):
         llm.generate([request(random_video(2), options=options)], params())
@@ -170,7 +185,9 @@ def served_like_reference(llm, reference, hf_config, video: np.ndarray, options:
     out = llm.generate([request(video, options=options)], params())[0]
     ours = kept_of(engine_state(llm), out.request_id)
     pixels = [frames_to_pixel_values(video, hf_config.force_image_size, hf_config.norm_mean, hf_config.norm_std)]
-    tokens, _, kept = reference.greedy(out.prompt_token_ids, pixels, parse(GLOBAL).with_overrides(options), DECODE_TOKENS)
+    tokens, _, kept = reference.greedy(
+        out.prompt_token_ids, pixels, parse(GLOBAL).with_overrides(options), DECODE_TOKENS
+    )
     assert list(out.outputs[0].token_ids) == tokens
     assert ours == [k.tolist() for k in kept]
     return out, ours
@@ -187,11 +204,13 @@ def test_evs_before_the_llm_then_ours_matches_reference(llm, reference, hf_confi
     assert not static & set(ours[0])
 
 
-@pytest.mark.parametrize("frames,options", [(16, {"evs_rate": 0.5, "budget": 1.0}), (6, {"budget": 0.25})], ids=["evs-alone", "floor"])
+@pytest.mark.parametrize(
+    "frames,options", [(16, {"evs_rate": 0.5, "budget": 1.0}), (6, {"budget": 0.25})], ids=["evs-alone", "floor"]
+)
 def test_boundaries_without_drops_match_reference(llm, reference, hf_config, frames, options) -> None:
     """A boundary where no request drops anything (EVS alone keeps all that enters; the
     min_keep floor flattens the tail of a short video) skips its selection and its
     stage's scoring: same tokens and kept positions as the reference."""
     _, ours = served_like_reference(llm, reference, hf_config, random_video(frames, seed=8), options)
     counts = [len(k) for k in ours]
-    assert any(a == b for a, b in zip(counts, counts[1:])), counts  # the path under test
+    assert any(a == b for a, b in pairwise(counts)), counts  # the path under test

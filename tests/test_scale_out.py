@@ -21,11 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from vllm_stateful_reduce.launch import running_server
-from vllm_stateful_reduce.media import video_data_url, write_video
+from vllm_stateful_reduce.testing.launch import running_server
+from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
-from .conftest import random_video
-from .test_server import real_layout_checkpoint, video_part  # noqa: F401  (fixture)
+from .helpers import random_video, video_part
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 QUESTIONS = ("What is shown?", "Which colour comes first?", "How many squares?", "What moves?")
 COMMON = ["--dtype", "float32", "--gpu-memory-utilization", "0.1"]
@@ -49,10 +50,13 @@ def answers(url: str, videos: list[str]) -> list[tuple[list[int], list[float]]]:
 
     def ask(i: int):
         reply = client.chat.completions.create(
-            model=model, max_tokens=6, temperature=0.0, logprobs=True,
+            model=model,
+            max_tokens=6,
+            temperature=0.0,
+            logprobs=True,
             messages=[{"role": "user", "content": [video_part(videos[i]), {"type": "text", "text": QUESTIONS[i]}]}],
             extra_body={"return_token_ids": True},
-        )  # fmt: skip
+        )
         choice = reply.choices[0]
         return list(choice.token_ids), [t.logprob for t in choice.logprobs.content]
 
@@ -62,13 +66,15 @@ def answers(url: str, videos: list[str]) -> list[tuple[list[int], list[float]]]:
 
 def reduced_per_engine(url: str) -> dict[str, float]:
     text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
-    found = re.findall(r'^vllm:stateful_reduce_requests_reduced_total\{([^}]*)\} (\S+)$', text, re.M)
+    found = re.findall(r"^vllm:stateful_reduce_requests_reduced_total\{([^}]*)\} (\S+)$", text, re.M)
     return {re.search(r'engine="(\d+)"', labels).group(1): float(value) for labels, value in found}
 
 
-def test_data_parallel_2_serves_as_one_engine(real_layout_checkpoint, videos, tmp_path, monkeypatch) -> None:  # noqa: F811
+def test_data_parallel_2_serves_as_one_engine(real_layout_checkpoint, videos, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per engine on this 2-core machine
-    with running_server(real_layout_checkpoint, log_path=tmp_path / "dp2.log", extra=[*COMMON, "--data-parallel-size", "2"], timeout=400) as url:
+    with running_server(
+        real_layout_checkpoint, log_path=tmp_path / "dp2.log", extra=[*COMMON, "--data-parallel-size", "2"], timeout=400
+    ) as url:
         parallel = answers(url, videos)
         engines = reduced_per_engine(url)
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
@@ -77,9 +83,12 @@ def test_data_parallel_2_serves_as_one_engine(real_layout_checkpoint, videos, tm
     assert [tokens for tokens, _ in parallel] == [tokens for tokens, _ in single]
     # concurrent requests batch differently on one engine and on two, so float32 sums may
     # differ in the last bits; a different kept set would move log-probs far more than this
-    delta = max(abs(a - b) for (_, x), (_, y) in zip(parallel, single) for a, b in zip(x, y, strict=True))
+    delta = max(abs(a - b) for (_, x), (_, y) in zip(parallel, single, strict=True) for a, b in zip(x, y, strict=True))
     assert delta <= 1e-4, delta
     assert set(engines) == {"0", "1"} and all(n >= 1 for n in engines.values()), engines
     assert sum(engines.values()) == len(videos), engines
-    print(f"DP=2: reduced requests per engine {engines}; tokens identical to one engine's, max |delta logprob| {delta:.2e}")
+    print(
+        f"DP=2: reduced requests per engine {engines}; tokens identical to one engine's, max |delta logprob| "
+        f"{delta:.2e}"
+    )
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # the CLI entry set it for the server only

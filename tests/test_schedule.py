@@ -1,5 +1,7 @@
 """Budget -> keep counts, and config validation (no engine)."""
 
+from itertools import pairwise
+
 import pytest
 
 from vllm_stateful_reduce.config import from_additional_config, parse
@@ -18,7 +20,7 @@ def test_depth_average_hits_the_budget(pattern, schedule, budget, num_visual) ->
     s = build_schedule(pattern, config)
     counts = s.keep_counts(num_visual, config.min_keep)
     assert counts[0] == num_visual
-    assert all(b <= a for a, b in zip(counts, counts[1:]))  # tokens never come back
+    assert all(b <= a for a, b in pairwise(counts))  # tokens never come back
     # rounding each stage moves the depth average by at most half a token per block
     assert abs(s.depth_average(counts, len(pattern)) - budget * num_visual) <= 0.5 + 1e-9
     assert len(stage_sizes(len(pattern), s.boundaries)) == len(counts)

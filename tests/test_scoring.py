@@ -36,17 +36,15 @@ def test_padded_rows_normalise_like_each_request_alone() -> None:
         assert torch.all(out[~valid] == 0)
         for r, n in enumerate(lengths):
             row = scores[r, :n]
-            if how == "sum":
-                want = row / row.sum()
-            else:
-                want = (row - row.mean()) / row.std() if n > 1 else torch.zeros(n)
+            zscore = (row - row.mean()) / row.std() if n > 1 else torch.zeros(n)
+            want = row / row.sum() if how == "sum" else zscore
             torch.testing.assert_close(out[r, :n], want, atol=1e-6, rtol=1e-5)
 
 
 def test_attention_score_reference_is_the_formula() -> None:
     """The reference kernel against the definition written out per query row and head:
     two requests, GQA, causal question rows at the end, padding."""
-    from vllm_stateful_reduce.kernels.reference import Varlen, attention_scores
+    from vllm_stateful_reduce.kernels.torch_ops import Varlen, attention_scores
 
     g = torch.Generator().manual_seed(2)
     hq, hk, d = 6, 2, 8
@@ -82,9 +80,10 @@ def test_mamba_b_at_visual_rows_is_the_scan_conv() -> None:
     g = torch.Generator().manual_seed(3)
     inner, groups, n, heads, taps = 12, 2, 4, 3, 4
     conv = inner + 2 * groups * n
+    conv1d = types.SimpleNamespace(weight=torch.randn(conv, 1, taps, generator=g), bias=torch.randn(conv, generator=g))
     mixer = types.SimpleNamespace(
         tped_intermediate_size=inner, groups_ssm_state_size=groups * n, tp_size=1, tped_conv_size=conv, n_groups=groups,
-        conv1d=types.SimpleNamespace(weight=torch.randn(conv, 1, taps, generator=g), bias=torch.randn(conv, generator=g)),
+        conv1d=conv1d,
     )  # fmt: skip
     projected = torch.randn(60, 2 * inner + 2 * groups * n + heads, generator=g)
     starts, lengths = [2, 20, 41], [15, 9, 19]
@@ -92,9 +91,12 @@ def test_mamba_b_at_visual_rows_is_the_scan_conv() -> None:
     first = torch.tensor(starts)[:, None].expand_as(visual)
     b = _conv_channels_at(projected, mixer, "b", visual.clamp_min(0), first)  # (R, V, G, N)
     channels = slice(inner + conv - 2 * groups * n, inner + conv - groups * n)
-    for r, (start, length) in enumerate(zip(starts, lengths)):
+    for r, (start, length) in enumerate(zip(starts, lengths, strict=True)):
         segment = projected[start : start + length, channels].T[None]  # (1, C, L) of this request
-        weight, bias = mixer.conv1d.weight[conv - 2 * groups * n : conv - groups * n], mixer.conv1d.bias[conv - 2 * groups * n : conv - groups * n]
+        weight, bias = (
+            mixer.conv1d.weight[conv - 2 * groups * n : conv - groups * n],
+            mixer.conv1d.bias[conv - 2 * groups * n : conv - groups * n],
+        )
         scan = F.silu(F.conv1d(F.pad(segment, (taps - 1, 0)), weight, bias, groups=weight.shape[0]))[0].T  # (L, C)
         valid = visual[r] >= 0
         expected = scan[visual[r][valid] - start].view(-1, groups, n)

@@ -9,41 +9,19 @@ import base64
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 
-import cv2
 import openai
 import pytest
 import requests
 
-from vllm_stateful_reduce.launch import free_port, running_server, serve_command
-from vllm_stateful_reduce.media import video_data_url, write_video
+from vllm_stateful_reduce.testing.launch import free_port, running_server, serve_command
+from vllm_stateful_reduce.testing.video_files import video_data_url
 
-from .conftest import random_video
+from .helpers import ask, video_part
 
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    root = tmp_path_factory.mktemp("media")
-    write_video(random_video(6, seed=1), root / "ok.mp4", fps=2.0)
-    empty = cv2.VideoWriter(str(root / "empty.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 2.0, (96, 80))
-    empty.release()  # a container with zero frames
-    write_video(random_video(60, 240, 320, seed=2), root / "big.mp4", fps=2.0)  # noise: ~1 MB as MPEG-4
-    assert (root / "big.mp4").stat().st_size > 900_000
-    return root
-
-
-@pytest.fixture(scope="module")
-def real_layout_checkpoint(checkpoint, tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("real-layout")
-    shutil.copytree(checkpoint, ckpt, dirs_exist_ok=True)
-    config = json.loads((ckpt / "config.json").read_text())
-    config["architectures"] = ["NemotronH_Nano_VL_V2"]
-    config["auto_map"] = {"AutoConfig": "configuration.NemotronH_Nano_VL_V2_Config"}  # not shipped
-    (ckpt / "config.json").write_text(json.dumps(config))
-    return ckpt
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +41,6 @@ def server(real_layout_checkpoint, media, server_log):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
-
-
-def ask(client, part: dict, question: str = "What is shown?"):
-    model = client.models.list().data[0].id
-    return client.chat.completions.create(
-        model=model, max_tokens=6, temperature=0.0,
-        messages=[{"role": "user", "content": [part, {"type": "text", "text": question}]}],
-    )  # fmt: skip
-
-
-def video_part(url: str) -> dict:
-    return {"type": "video_url", "video_url": {"url": url}}
 
 
 def test_video_by_data_url_and_by_local_file(client, media) -> None:
@@ -118,13 +84,19 @@ def test_per_request_reduction_options(client, server, media) -> None:
 
     def chat(options):
         return client.chat.completions.create(
-            model=model, max_tokens=4, temperature=0.0,
+            model=model,
+            max_tokens=4,
+            temperature=0.0,
             messages=[{"role": "user", "content": [part, {"type": "text", "text": "Where is it?"}]}],
             extra_body={"mm_processor_kwargs": {"stateful_reduce": options}},
-        )  # fmt: skip
+        )
 
     assert chat({"budget": 0.5, "enabled": True}).choices[0].message.content is not None
-    for bad, field in (({"budget": 2}, "budget"), ({"schedule": "step"}, "schedule"), ({"enabled": "maybe"}, "enabled")):
+    for bad, field in (
+        ({"budget": 2}, "budget"),
+        ({"schedule": "step"}, "schedule"),
+        ({"enabled": "maybe"}, "enabled"),
+    ):
         with pytest.raises(openai.BadRequestError) as err:
             chat(bad)
         assert err.value.status_code == 400 and field in str(err.value.message), err.value.message
@@ -149,8 +121,13 @@ INVALID_OPTIONS = {
 
 
 def chat_body(model: str, content, options) -> dict:
-    return {"model": model, "max_tokens": 4, "temperature": 0.0, "messages": [{"role": "user", "content": content}],
-            "mm_processor_kwargs": {"stateful_reduce": options}}  # fmt: skip
+    return {
+        "model": model,
+        "max_tokens": 4,
+        "temperature": 0.0,
+        "messages": [{"role": "user", "content": content}],
+        "mm_processor_kwargs": {"stateful_reduce": options},
+    }
 
 
 @pytest.mark.parametrize("with_video", [True, False], ids=["1MB-video", "text-only"])
@@ -162,14 +139,20 @@ def test_invalid_options_are_a_short_400_naming_the_field(client, server, media,
     for case, (options, expected) in INVALID_OPTIONS.items():
         body = chat_body(model, content, options)
         if case == "budget NaN":  # not JSON: the openai client refuses to send it
-            response = requests.post(server + "/v1/chat/completions", data=json.dumps(body),
-                                     headers={"Content-Type": "application/json"}, timeout=60)  # fmt: skip
+            response = requests.post(
+                server + "/v1/chat/completions",
+                data=json.dumps(body),
+                headers={"Content-Type": "application/json"},
+                timeout=60,
+            )
             status, raw = response.status_code, response.content
             message = response.json()["error"]["message"]
         else:
             with pytest.raises(openai.BadRequestError) as err:
-                client.chat.completions.create(**{k: v for k, v in body.items() if k != "mm_processor_kwargs"},
-                                               extra_body={"mm_processor_kwargs": body["mm_processor_kwargs"]})  # fmt: skip
+                client.chat.completions.create(
+                    **{k: v for k, v in body.items() if k != "mm_processor_kwargs"},
+                    extra_body={"mm_processor_kwargs": body["mm_processor_kwargs"]},
+                )
             status, raw, message = err.value.status_code, err.value.response.content, str(err.value.message)
         print(f"{case}: {status} ({len(raw)} bytes) {message}")
         assert status == 400, case
@@ -195,9 +178,11 @@ def test_plugin_logs_reach_the_server_output(client, server, server_log, media) 
     model = client.models.list().data[0].id
     for _ in range(2):
         out = client.chat.completions.create(
-            model=model, max_tokens=2, messages=[{"role": "user", "content": [part, {"type": "text", "text": "Where?"}]}],
+            model=model,
+            max_tokens=2,
+            messages=[{"role": "user", "content": [part, {"type": "text", "text": "Where?"}]}],
             extra_body={"mm_processor_kwargs": {"stateful_reduce": {"budget": 0.05}}},
-        )  # fmt: skip
+        )
         assert out.choices[0].finish_reason
     deadline = time.monotonic() + 10
     while len(log_lines(server_log, unreduced)) == before and time.monotonic() < deadline:

@@ -17,9 +17,9 @@ from contextlib import contextmanager
 import openai
 import pytest
 
-from vllm_stateful_reduce.media import video_data_url, write_video
+from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
-from .conftest import random_video
+from .helpers import random_video
 from .server_requests import (
     Chat,
     max_logprob_difference,
@@ -32,6 +32,8 @@ from .server_requests import (
     visual_tokens,
     wait_until,
 )
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 NUM_VIDEOS = 3
 # per-request options: None sends none (the server's default, reduced at 25%)
@@ -46,7 +48,9 @@ LONG = 3000  # tokens an aborted request would otherwise generate
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("media")
-    return [video_data_url(write_video(random_video(8 + 4 * i, seed=20 + i), root / f"v{i}.mp4")) for i in range(NUM_VIDEOS)]
+    return [
+        video_data_url(write_video(random_video(8 + 4 * i, seed=20 + i), root / f"v{i}.mp4")) for i in range(NUM_VIDEOS)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +75,10 @@ def mixed_chats(videos: list[str]) -> list[Chat]:
     kinds = [(video, options, Chat.question) for video in videos for options in OPTIONS]
     kinds += [(None, None, "Say something."), (None, {"budget": 0.5}, "Count to ten.")]
     kinds += kinds[: 20 - len(kinds)]  # a few identical requests in flight at once
-    return [Chat(video, options, i % 2 == 1, 12 + 3 * (i % 7), question) for i, (video, options, question) in enumerate(kinds)]
+    return [
+        Chat(video, options, i % 2 == 1, 12 + 3 * (i % 7), question)
+        for i, (video, options, question) in enumerate(kinds)
+    ]
 
 
 @contextmanager
@@ -108,19 +115,29 @@ def test_concurrent_requests_answer_as_sequential_ones(client, model, server, vi
     concurrent_s = time.monotonic() - start
     after = plugin_counts(server)
     difference = max_logprob_difference(one_by_one, together)
-    print(f"{len(chats)} requests: one at a time {sum(seconds):.1f} s (first {seconds[0]:.1f} s, then median "
-          f"{statistics.median(seconds[1:]):.2f} s), together {concurrent_s:.1f} s; peak running "
-          f"{running[0]:.0f}; max |d logprob| {difference:.3g}")  # fmt: skip
+    print(
+        f"{len(chats)} requests: one at a time {sum(seconds):.1f} s (first {seconds[0]:.1f} s, then median "
+        f"{statistics.median(seconds[1:]):.2f} s), together {concurrent_s:.1f} s; peak running "
+        f"{running[0]:.0f}; max |d logprob| {difference:.3g}"
+    )
     assert running[0] >= 5, "the requests were meant to share batches"
     # the server's first request (logprobs) used to pay inductor's compile of vLLM's
     # log-prob rank op (2 s quiet, 21-24 s busy); it is compiled at start-up now
     assert seconds[0] <= max(3.0, 10 * statistics.median(seconds[1:])), seconds
     # the mix is what it says: the video requests with reduction on were reduced, both times
     reduced = sum(1 for c in chats if c.video is not None and (c.options or {}).get("enabled", True))
-    assert between["requests_reduced"] - counted["requests_reduced"] == reduced == after["requests_reduced"] - between["requests_reduced"]
+    assert (
+        between["requests_reduced"] - counted["requests_reduced"]
+        == reduced
+        == after["requests_reduced"] - between["requests_reduced"]
+    )
     for chat, alone, batched in zip(chats, one_by_one, together, strict=True):
         assert len(alone.token_ids) == chat.max_tokens and alone.finish_reason == "length"
-        assert (batched.text, batched.token_ids, batched.finish_reason) == (alone.text, alone.token_ids, alone.finish_reason), chat
+        assert (batched.text, batched.token_ids, batched.finish_reason) == (
+            alone.text,
+            alone.token_ids,
+            alone.finish_reason,
+        ), chat
     assert difference <= LOGPROB_TOLERANCE
 
 
@@ -147,9 +164,14 @@ def test_clients_hanging_up_leave_nothing_running(client, model, server, videos)
     with ThreadPoolExecutor(NUM_ABORTS) as pool:
         reads = list(pool.map(lambda chat: hang_up_after_first_chunks(client, model, chat), aborted))
     assert reads == [3] * NUM_ABORTS
-    idle_after = wait_until(lambda: metric(server, "vllm:num_requests_running") + metric(server, "vllm:num_requests_waiting") == 0, timeout=30)
-    print(f"{NUM_ABORTS} clients hung up; nothing running {time.monotonic() - start:.1f} s after they "
-          f"started ({idle_after:.1f} s after the last hung up)")  # fmt: skip
+    idle_after = wait_until(
+        lambda: metric(server, "vllm:num_requests_running") + metric(server, "vllm:num_requests_waiting") == 0,
+        timeout=30,
+    )
+    print(
+        f"{NUM_ABORTS} clients hung up; nothing running {time.monotonic() - start:.1f} s after they "
+        f"started ({idle_after:.1f} s after the last hung up)"
+    )
     wait_until(lambda: metric(server, "vllm:kv_cache_usage_perc") == 0, timeout=10)  # blocks given back
     extra_tokens = metric(server, "vllm:generation_tokens_total") - generated
     print(f"tokens generated for the hung-up requests: {extra_tokens:.0f} (of {NUM_ABORTS * LONG} asked)")
@@ -162,4 +184,8 @@ def test_clients_hanging_up_leave_nothing_running(client, model, server, videos)
     visual = sum(visual_tokens(server, model, chat.video) for chat in (*aborted, probe))
     counts = {name: value - counted[name] for name, value in plugin_counts(server).items()}
     print("plugin counts over the hung-up requests and the probe:", counts)
-    assert counts == {"requests_reduced": NUM_ABORTS - disabled + 1, "requests_unreduced": disabled, "visual_tokens": visual}
+    assert counts == {
+        "requests_reduced": NUM_ABORTS - disabled + 1,
+        "requests_unreduced": disabled,
+        "visual_tokens": visual,
+    }

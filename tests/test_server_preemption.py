@@ -13,10 +13,20 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from vllm_stateful_reduce.media import video_data_url, write_video
+from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
-from .conftest import random_video
-from .server_requests import Chat, max_logprob_difference, metric, plugin_counts, send, send_together, server_with_metrics
+from .helpers import random_video
+from .server_requests import (
+    Chat,
+    max_logprob_difference,
+    metric,
+    plugin_counts,
+    send,
+    send_together,
+    server_with_metrics,
+)
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 MAX_TOKENS = 160
 NUM_BLOCKS = 12  # of 128 tokens
@@ -26,7 +36,12 @@ PREEMPTIONS = "vllm:num_preemptions_total"
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory) -> Iterator[str]:
-    extra = ["--num-gpu-blocks-override", str(NUM_BLOCKS), "--additional-config", '{"stateful_reduce": {"min_keep": 4}}']
+    extra = [
+        "--num-gpu-blocks-override",
+        str(NUM_BLOCKS),
+        "--additional-config",
+        '{"stateful_reduce": {"min_keep": 4}}',
+    ]
     with server_with_metrics(checkpoint, tmp_path_factory, max_model_len=1024, extra=extra) as url:
         yield url
 
@@ -43,7 +58,10 @@ def chats(tmp_path_factory) -> list[Chat]:
     root = tmp_path_factory.mktemp("media")
     videos = [video_data_url(write_video(random_video(16, seed=30 + i), root / f"v{i}.mp4")) for i in range(4)]
     options = [None, {"budget": 0.5}, None, {"budget": 0.35}]
-    return [Chat(video, opts, stream=i % 2 == 1, max_tokens=MAX_TOKENS, question="What moves?") for i, (video, opts) in enumerate(zip(videos, options))]
+    return [
+        Chat(video, opts, stream=i % 2 == 1, max_tokens=MAX_TOKENS, question="What moves?")
+        for i, (video, opts) in enumerate(zip(videos, options, strict=True))
+    ]
 
 
 def test_preempted_requests_answer_as_alone(client, server, chats) -> None:
@@ -54,14 +72,19 @@ def test_preempted_requests_answer_as_alone(client, server, chats) -> None:
     together_s = time.monotonic() - start
     preemptions = metric(server, PREEMPTIONS) - preempted
     prefills = {name: value - counted[name] for name, value in plugin_counts(server).items()}
-    print(f"{len(chats)} requests together: {together_s:.1f} s, {preemptions:.0f} preemptions, plugin counts {prefills}")
+    print(
+        f"{len(chats)} requests together: {together_s:.1f} s, {preemptions:.0f} preemptions, plugin counts {prefills}"
+    )
     assert preemptions > 0, "the KV cache was meant to be too small for the batch"
     # every recompute was reduced again: one reduced prefill per request and per preemption
     assert prefills["requests_reduced"] == len(chats) + preemptions and prefills["requests_unreduced"] == 0
 
     start = time.monotonic()
     alone = [send(client, model, chat) for chat in chats]
-    print(f"the same one at a time: {time.monotonic() - start:.1f} s; max |d logprob| {max_logprob_difference(alone, together):.3g}")
+    print(
+        f"the same one at a time: {time.monotonic() - start:.1f} s; max |d logprob| "
+        f"{max_logprob_difference(alone, together):.3g}"
+    )
     assert metric(server, PREEMPTIONS) - preempted == preemptions  # one request alone fits
     for chat, a, b in zip(chats, alone, together, strict=True):
         assert len(a.token_ids) == MAX_TOKENS

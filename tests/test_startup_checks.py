@@ -3,7 +3,9 @@
 import pytest
 from vllm.engine.arg_utils import EngineArgs
 
-from .conftest import engine_kwargs
+from .helpers import engine_kwargs
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 
 def make_config(checkpoint, **overrides):
@@ -35,7 +37,12 @@ def test_refuses_settings_that_split_or_compile_a_prompt(checkpoint, overrides, 
 
 @pytest.mark.parametrize(
     "reduction,field",
-    [({"budget": 1.5}, "budget"), ({"schedule": "cosine"}, "schedule"), ({"budget": 0.05}, "budget"), ({"bugdet": 0.3}, "bugdet")],
+    [
+        ({"budget": 1.5}, "budget"),
+        ({"schedule": "cosine"}, "schedule"),
+        ({"budget": 0.05}, "budget"),
+        ({"bugdet": 0.3}, "bugdet"),
+    ],
 )
 def test_refuses_bad_reduction_config_by_field(checkpoint, reduction, field) -> None:
     """Invalid or (for this block layout) unreachable settings fail before any process starts."""

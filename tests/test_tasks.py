@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from vllm_stateful_reduce.tasks import COLOURS, KINDS, SHAPES, TEST_SEEDS, TRAIN_SEEDS, chance_accuracy, make_example
+from vllm_stateful_reduce.testing.tasks import (
+    COLOURS,
+    KINDS,
+    SHAPES,
+    TEST_SEEDS,
+    TRAIN_SEEDS,
+    chance_accuracy,
+    make_example,
+)
 
 AREA = {int(mask.sum()): shape for shape, mask in SHAPES.items()}  # 256 / 208 / 128 pixels
 

@@ -11,11 +11,13 @@ import pytest
 from vllm import LLM, SamplingParams
 
 from vllm_stateful_reduce.config import parse
-from vllm_stateful_reduce.model.config import NemotronNanoVLConfig
+from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 from vllm_stateful_reduce.model.processing import frames_to_pixel_values
-from vllm_stateful_reduce.reference import ReferenceNanoVL
+from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
 
-from .conftest import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+from .helpers import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+
+pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 GLOBAL = {"min_keep": 4, "score_norm": "sum"}  # the default (zscore) is covered by test_reduction
 

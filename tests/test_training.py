@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from vllm_stateful_reduce.config import ReductionConfig
-from vllm_stateful_reduce.encoding import Encoder
-from vllm_stateful_reduce.media import codec_roundtrip
-from vllm_stateful_reduce.reference import ReferenceNanoVL
-from vllm_stateful_reduce.tasks import KINDS, TEST_SEEDS, make_example
+from vllm_stateful_reduce.testing.encoding import Encoder
+from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
+from vllm_stateful_reduce.testing.tasks import KINDS, TEST_SEEDS, make_example
+from vllm_stateful_reduce.testing.video_files import codec_roundtrip
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "video-qa-small"
@@ -41,16 +41,16 @@ def test_forward_kept_matches_reduced_forward(model: ReferenceNanoVL, enc: Encod
     prompts = [enc.prompt_ids(e) for e in examples]
     assert len({len(p) for p in prompts}) > 1
     pixels = [enc.pixels(e) for e in examples]
-    expected = [model.reduced_forward(p, [px], config) for p, px in zip(prompts, pixels)]
+    expected = [model.reduced_forward(p, [px], config) for p, px in zip(prompts, pixels, strict=True)]
 
     length = max(len(p) for p in prompts)
     ids = torch.tensor([p + [enc.tokenizer.pad_token_id] * (length - len(p)) for p in prompts])
     visual = model.visual_and_query(prompts[0], len(prompts[0]))[0]
     with torch.no_grad():
-        embeds = torch.stack([model._embeds(row.tolist(), [px]) for row, px in zip(ids, pixels)])
+        embeds = torch.stack([model._embeds(row.tolist(), [px]) for row, px in zip(ids, pixels, strict=True)])
         h, rows = model.forward_kept(embeds, [kept for _, kept in expected], config)
     worst = 0.0
-    for row, (prompt, (logits, kept)) in enumerate(zip(prompts, expected)):
+    for row, (prompt, (logits, kept)) in enumerate(zip(prompts, expected, strict=True)):
         assert len(kept[-1]) < len(visual)  # something was dropped
         assert torch.equal(rows[row][torch.isin(rows[row], visual)], kept[-1])
         last = int(torch.nonzero(rows[row] == len(prompt) - 1))
@@ -65,7 +65,8 @@ def test_finetuning_under_reduction_runs_and_writes_a_loadable_checkpoint(tmp_pa
     out = tmp_path / "ft"
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train_video_qa.py"), "--init", str(MODEL), "--budgets", "1,0.25",
-         "--steps", "2", "--warmup", "1", "--lr", "1e-4", "--eval-every", "1", "--eval-examples", "4", "--out", str(out)],
+         "--steps", "2", "--warmup", "1", "--lr", "1e-4", "--eval-every", "1", "--eval-examples", "4",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
@@ -85,7 +86,12 @@ def test_trained_model_reads_videos_after_a_codec_roundtrip(model: ReferenceNano
     for kind in ("colour_of", "shape_of"):
         raw = [make_example(s, kind=kind) for s in TEST_SEEDS[:32]]
         mp4 = [replace(e, frames=codec_roundtrip(e.frames)) for e in raw]
-        assert all(abs(a.frames.astype(int) - b.frames).mean() < 10 for a, b in zip(raw, mp4))  # decoded RGB, lossy
-        accuracy = {name: train.answered(model, enc, examples).float().mean().item() for name, examples in (("raw", raw), ("mp4", mp4))}
+        assert all(
+            abs(a.frames.astype(int) - b.frames).mean() < 10 for a, b in zip(raw, mp4, strict=True)
+        )  # decoded RGB, lossy
+        accuracy = {
+            name: train.answered(model, enc, examples).float().mean().item()
+            for name, examples in (("raw", raw), ("mp4", mp4))
+        }
         print(kind, accuracy)
         assert accuracy["raw"] >= 0.8 and accuracy["mp4"] >= accuracy["raw"] - 0.1, (kind, accuracy)

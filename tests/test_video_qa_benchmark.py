@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vllm_stateful_reduce.tasks import KINDS
+import pytest
+
+from vllm_stateful_reduce.testing.tasks import KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "video-qa-small"
@@ -30,10 +32,18 @@ def run_quick(script: str, tmp_path: Path, timeout: float) -> tuple[dict, str]:
     return json.loads(out_json.read_text()), run.stdout
 
 
+@pytest.mark.engine
 def test_quick_benchmark_on_the_trained_model(tmp_path) -> None:
     report, stdout = run_quick("video_qa.py", tmp_path, timeout=900)
     s = report["summary"]
-    for key in ("full_accuracy", "ours_25_accuracy", "fastv_25_accuracy", "random_25_accuracy", "evs_25_accuracy", "chance_accuracy"):
+    for key in (
+        "full_accuracy",
+        "ours_25_accuracy",
+        "fastv_25_accuracy",
+        "random_25_accuracy",
+        "evs_25_accuracy",
+        "chance_accuracy",
+    ):
         assert 0.0 <= s[key] <= 1.0, key
     assert report["results"]["ours"]["0.25"]["n"] == 80
     assert set(report["results"]["ours"]["0.25"]["per_kind"]) == set(KINDS)
@@ -58,5 +68,8 @@ def test_score_recall_per_block(tmp_path) -> None:
     blocks = report["blocks"]
     assert set(blocks) == {"A1", "A6", "A11"} | {f"M{i}{d}" for i in (0, 3, 5, 8, 10) for d in ("", " decay")}
     assert blocks["A1"]["recall"] >= 3 * report["chance"], blocks["A1"]
-    best = lambda decay: max(r["recall"] for name, r in blocks.items() if name.startswith("M") and ("decay" in name) == decay)  # noqa: E731
+
+    def best(decay: bool) -> float:
+        return max(r["recall"] for name, r in blocks.items() if name.startswith("M") and ("decay" in name) == decay)
+
     assert best(False) > best(True), blocks

@@ -4,9 +4,11 @@ vLLM calls `register()` (entry point group `vllm.general_plugins`, name
 `stateful_reduce`) in every process it starts: front end, engine core, workers.
 """
 
-ARCHITECTURE = "NemotronH_Nano_VL_V2_StatefulReduce"
+from .vllm_compat import REQUIRED_ENGINE_ARGS
 
-from .vllm_compat import REQUIRED_ENGINE_ARGS  # noqa: E402,F401  (public)
+__all__ = ["ARCHITECTURE", "REQUIRED_ENGINE_ARGS", "register"]
+
+ARCHITECTURE = "NemotronH_Nano_VL_V2_StatefulReduce"
 
 _registered = False
 
@@ -37,7 +39,5 @@ def register() -> None:
     install_request_option_check()
     install_plugin_flag()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(
-            ARCHITECTURE, "vllm_stateful_reduce.model.nano_vl:NemotronNanoVLStatefulReduce"
-        )
+        ModelRegistry.register_model(ARCHITECTURE, "vllm_stateful_reduce.model.nano_vl:NemotronNanoVLStatefulReduce")
     _registered = True

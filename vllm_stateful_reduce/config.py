@@ -11,10 +11,12 @@ A request gets it as HTTP 400 (see `vllm_compat.RequestError`), never a crash.
 
 import json
 from collections.abc import Iterable, Mapping
+from itertools import pairwise
 from typing import Any, Literal, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 CONFIG_KEY = "stateful_reduce"
 
@@ -42,7 +44,8 @@ class ReductionConfig(BaseModel):
     (`budget_mode="depth_average"`, mean_l |V_l| / N_v), or the fraction left after
     the last stage (`"final_ratio"`)."""
     budget_mode: Literal["depth_average", "final_ratio"] = Field(
-        "depth_average", description='what `budget` means: `"depth_average"` or `"final_ratio"` (kept after the last stage)'
+        "depth_average",
+        description='what `budget` means: `"depth_average"` or `"final_ratio"` (kept after the last stage)',
     )
     schedule: Literal["sigmoid", "step", "geometric"] | list[float] = Field(
         "sigmoid",
@@ -53,7 +56,9 @@ class ReductionConfig(BaseModel):
     l0 solved for the budget; `step`: all tokens until the first boundary, then one
     constant ratio; `geometric`: stage j keeps lambda^j (PyramidDrop-style staged
     decay), lambda solved for the budget; a list: the keep ratio of each stage."""
-    sigmoid_floor: float = Field(0.05, ge=0.0, lt=1.0, description="shape of the sigmoid schedule: the ratio it falls to")
+    sigmoid_floor: float = Field(
+        0.05, ge=0.0, lt=1.0, description="shape of the sigmoid schedule: the ratio it falls to"
+    )
     sigmoid_temperature: float = Field(
         0.15, gt=0.0, description="shape of the sigmoid schedule: its width, as a fraction of the depth"
     )
@@ -110,7 +115,7 @@ class ReductionConfig(BaseModel):
         if isinstance(value, list):
             if not value or any(not 0.0 < r <= 1.0 for r in value):
                 raise ValueError("explicit schedule ratios must be in (0, 1]")
-            if any(b > a for a, b in zip(value, value[1:])):
+            if any(b > a for a, b in pairwise(value)):
                 raise ValueError("explicit schedule ratios must not increase (dropped tokens never return)")
         return value
 
@@ -123,9 +128,9 @@ class ReductionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _explicit_schedule_matches(self) -> "ReductionConfig":
-        if isinstance(self.schedule, list) and isinstance(self.boundaries, list):
-            if len(self.schedule) != len(self.boundaries):
-                raise ValueError(f"schedule has {len(self.schedule)} ratios for {len(self.boundaries)} boundaries")
+        explicit = isinstance(self.schedule, list) and isinstance(self.boundaries, list)
+        if explicit and len(self.schedule) != len(self.boundaries):
+            raise ValueError(f"schedule has {len(self.schedule)} ratios for {len(self.boundaries)} boundaries")
         return self
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> "ReductionConfig":
@@ -245,7 +250,7 @@ def _allowed(name: str, type_error: bool) -> str:
 
 def _config_error(err: ValidationError, raw: Mapping[str, Any]) -> ConfigError:
     """One short message per bad field (pydantic reports one error per union branch)."""
-    by_field: dict[str, list[dict]] = {}
+    by_field: dict[str, list[ErrorDetails]] = {}
     whole: list[str] = []
     for e in err.errors():
         if e["loc"]:
@@ -261,14 +266,18 @@ def _config_error(err: ValidationError, raw: Mapping[str, Any]) -> ConfigError:
         if custom is not None:  # a field validator's own words
             text = custom["msg"].removeprefix("Value error, ")
             messages.append(
-                f"{CONFIG_KEY}.{text}, got {got}" if text.startswith(f"{name} ") else f"{CONFIG_KEY}.{name}: {text}, got {got}"
+                f"{CONFIG_KEY}.{text}, got {got}"
+                if text.startswith(f"{name} ")
+                else f"{CONFIG_KEY}.{name}: {text}, got {got}"
             )
             continue
         type_error = any(e["type"].endswith("_type") or e["type"] == "finite_number" for e in errors)
         messages.append(f"{CONFIG_KEY}.{name} must be {_allowed(name, type_error)}, got {got}")
     unknown = [_key(name) for name in by_field if name not in ReductionConfig.model_fields]
     if unknown:
-        names = ", ".join(f"{CONFIG_KEY}.{n}" for n in unknown[:_MAX_PROBLEMS]) + (", ..." if len(unknown) > _MAX_PROBLEMS else "")
+        names = ", ".join(f"{CONFIG_KEY}.{n}" for n in unknown[:_MAX_PROBLEMS]) + (
+            ", ..." if len(unknown) > _MAX_PROBLEMS else ""
+        )
         verb = "is not an option" if len(unknown) == 1 else "are not options"
         messages.append(f"{names} {verb} (options: {', '.join(ReductionConfig.model_fields)})")
     return ConfigError(_join(messages + whole), [_key(name) for name in by_field])

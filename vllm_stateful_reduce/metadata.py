@@ -19,14 +19,15 @@ recomputed with the builder's own helpers; state indices and decode fields stay.
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from vllm.v1.attention.backend import CommonAttentionMetadata
-from vllm.v1.attention.backends.mamba_attn import BaseMambaAttentionMetadataBuilder
 from vllm.v1.attention.backends.utils import compute_causal_conv1d_metadata
 
 from .plan import DevicePlan, StepPlan
+from .vllm_compat import mamba_chunk_metadata
 
 # per stage: layer name -> (metadata, slot mapping or None)
 StageMetadata = dict[str, tuple[object, torch.Tensor | None]]
@@ -40,8 +41,8 @@ class StageBuilders:
     not share one, nor use the runner's; they are made when the runner makes its own
     (`vllm_compat.stage_builders`), before the KV cache tensors are allocated."""
 
-    group: object  # vllm's AttentionGroup, the runner's: layers, KV-cache group, kernel blocks
-    builders: tuple[object, ...]  # builders[j] builds stage j
+    group: Any  # vllm's AttentionGroup, the runner's: layers, KV-cache group, kernel blocks
+    builders: tuple[Any, ...]  # builders[j] builds stage j (vLLM metadata builders)
 
     @property
     def layer_names(self) -> list[str]:
@@ -67,7 +68,9 @@ def logical_positions(plan: StepPlan, device_plan: DevicePlan, stage: int) -> tu
     return request, first[request] + offset
 
 
-def logical_slots(block_table: torch.Tensor, request: torch.Tensor, logical: torch.Tensor, block_size: int) -> torch.Tensor:
+def logical_slots(
+    block_table: torch.Tensor, request: torch.Tensor, logical: torch.Tensor, block_size: int
+) -> torch.Tensor:
     blocks = block_table[request, logical // block_size]
     return (blocks.long() * block_size + logical % block_size).to(torch.int64)
 
@@ -105,8 +108,7 @@ def mamba_metadata(meta, plan: StepPlan, device_plan: DevicePlan, stage: int):
     decodes = meta.num_decodes
     qsl = plan.query_start_loc(stage)
     qsl_p = qsl[decodes:] - qsl[decodes]
-    # host arrays: vLLM's helper reads them row by row
-    cu_chunk, seq_idx, last_chunk, _ = BaseMambaAttentionMetadataBuilder._compute_chunk_metadata(
+    cu_chunk, seq_idx, last_chunk = mamba_chunk_metadata(
         meta.chunk_size, meta.num_prefills, plan.num_computed[stage][decodes:], qsl_p
     )
     device = meta.query_start_loc_p.device

@@ -106,7 +106,7 @@ class ReductionMetrics:
             return
         for request in plan.reducing:
             self._visual.inc(len(request.visual))
-            for counter, kept in zip(self._kept, request.keep):
+            for counter, kept in zip(self._kept, request.keep, strict=True):
                 counter.inc(kept)
             self._reduced.inc()
         for skip in (*plan.skipped, *plan.disabled):

@@ -22,7 +22,7 @@ import torch
 from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
 
 from .config import ReductionConfig
-from .kernels.reference import Varlen
+from .kernels.torch_ops import Varlen
 from .schedule import Schedule
 from .state import RequestInfo
 
@@ -189,7 +189,10 @@ def plan_step(
     computed = np.array([info.num_computed for info in batch], dtype=np.int64)
     rows = np.tile(scheduled, (num_stages, 1))
     num_computed = np.tile(computed, (num_stages, 1))
-    reducing, fresh_dropped, skipped, disabled = [], {}, [], []
+    reducing: list[Reducing] = []
+    fresh_dropped: dict[str, list[int]] = {}
+    skipped: list[Skip] = []
+    disabled: list[Skip] = []
     for i, info in enumerate(batch):
         if info.num_computed > 0:  # a later step: its drops, if its prefill reduced
             carried = list(dropped.get(info.req_id, ()))[:num_stages]

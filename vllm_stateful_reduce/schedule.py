@@ -8,6 +8,7 @@ rounding (half a token per block), n_j being the number of blocks in stage j.
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 from .config import ReductionConfig
 
@@ -29,7 +30,7 @@ def boundary_blocks(pattern: str, config: ReductionConfig) -> list[int]:
 def stage_sizes(num_blocks: int, boundaries: list[int]) -> list[int]:
     """Blocks per stage: stage 0 ends at boundaries[0] (inclusive), the last at n-1."""
     edges = [-1, *boundaries, num_blocks - 1]
-    return [b - a for a, b in zip(edges, edges[1:])]
+    return [b - a for a, b in pairwise(edges)]
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Schedule:
 
     def depth_average(self, counts: list[int], num_blocks: int) -> float:
         sizes = stage_sizes(num_blocks, self.boundaries)
-        return sum(n * k for n, k in zip(sizes, counts)) / num_blocks
+        return sum(n * k for n, k in zip(sizes, counts, strict=True)) / num_blocks
 
 
 def _sigmoid_ratios(sizes: list[int], l0: float, floor: float, temperature: float) -> list[float]:
@@ -56,14 +57,14 @@ def _sigmoid_ratios(sizes: list[int], l0: float, floor: float, temperature: floa
     ratios, start = [1.0], sizes[0]
     for size in sizes[1:]:
         blocks = range(start, start + size)
-        r = [floor + (1 - floor) / (1 + math.exp(-(l0 - l) / (temperature * n))) for l in blocks]
+        r = [floor + (1 - floor) / (1 + math.exp(-(l0 - block) / (temperature * n))) for block in blocks]
         ratios.append(sum(r) / size)
         start += size
     return ratios
 
 
 def _depth_mean(sizes: list[int], ratios: list[float]) -> float:
-    return sum(n * r for n, r in zip(sizes, ratios)) / sum(sizes)
+    return sum(n * r for n, r in zip(sizes, ratios, strict=True)) / sum(sizes)
 
 
 def build_schedule(pattern: str, config: ReductionConfig) -> Schedule:
@@ -93,7 +94,11 @@ def build_schedule(pattern: str, config: ReductionConfig) -> Schedule:
         rest = len(pattern) - sizes[0]
         return Schedule(boundaries, [1.0] + [(budget * len(pattern) - sizes[0]) / rest] * stages)
     if config.schedule == "geometric":
-        return Schedule(boundaries, _geometric(_bisect(lambda lam: _depth_mean(sizes, _geometric(lam, stages)), budget, 0.0, 1.0), stages))
+        return Schedule(
+            boundaries,
+            _geometric(_bisect(lambda lam: _depth_mean(sizes, _geometric(lam, stages)), budget, 0.0, 1.0), stages),
+        )
+
     # sigmoid: the depth mean grows with l0
     def ratios(l0: float) -> list[float]:
         return _sigmoid_ratios(sizes, l0, config.sigmoid_floor, config.sigmoid_temperature)

@@ -5,29 +5,33 @@ visual token) over the request's keys, read at the visual columns. Mamba2 block:
 the implicit-attention proxy |C_t . B_s| (x dt_s), without the exp(A * sum dt)
 decay unless asked, with B and C recomputed from the block's in_proj output through
 its causal conv1d + SiLU exactly as the scan consumes them (only at the rows that
-are scored, in one fused loop compiled by inductor: see `_causal_conv_silu_at`). Each block's scores over a request's visual tokens are put on one scale
-(z-scores by default) so attention and Mamba blocks add up.
+are scored, in one loop compiled by inductor: see `_causal_conv_silu_at`). Each
+block's scores over a request's visual tokens are put on one scale (z-scores by
+default) so attention and Mamba blocks add up.
 
 All reducing requests of a step are scored in one call per block (varlen, sizes from
 the plan), on the hidden states' device. With tensor parallelism each rank holds a
 slice of the heads / groups, so partial sums are all-reduced before anyone picks.
 """
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from vllm.platforms import current_platform
 
-from .kernels import reference
-from .kernels.reference import Varlen
+from .kernels import torch_ops
+from .kernels.torch_ops import Varlen
 
-try:  # Triton is optional: the CPU build runs the references
+triton_kernels: ModuleType | None
+try:  # Triton is optional: the CPU build runs torch_ops
     from .kernels import triton_kernels
-except Exception:  # pragma: no cover - depends on the install
+except Exception:  # depends on the install
     triton_kernels = None
 
 
 def kernels_for(x: torch.Tensor):
-    return triton_kernels if (x.is_cuda and triton_kernels is not None) else reference
+    return triton_kernels if (x.is_cuda and triton_kernels is not None) else torch_ops
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -62,9 +66,15 @@ def attention_block_scores(
 
 
 def mamba_block_scores(
-    projected: torch.Tensor, mixer, query_rows: torch.Tensor, queries: Varlen, keys: Varlen,
-    visual_rows: torch.Tensor, use_dt: bool, decay: bool,
-) -> torch.Tensor:  # fmt: skip
+    projected: torch.Tensor,
+    mixer,
+    query_rows: torch.Tensor,
+    queries: Varlen,
+    keys: Varlen,
+    visual_rows: torch.Tensor,
+    use_dt: bool,
+    decay: bool,
+) -> torch.Tensor:
     """(R, V) proxy scores of the visual rows from the question rows; `projected` is the
     block's in_proj output of the stage's packed batch."""
     if decay:
@@ -99,7 +109,11 @@ def mamba_dt(projected: torch.Tensor, mixer, rows: torch.Tensor) -> torch.Tensor
 
 def _conv_inputs(projected: torch.Tensor, mixer, which: str):
     """(x (L, C), weight (C, W), bias (C,) or None) of the B or C channels of the conv."""
-    inner, conv, groups_n = mixer.tped_intermediate_size, mixer.tped_conv_size, mixer.groups_ssm_state_size // mixer.tp_size
+    inner, conv, groups_n = (
+        mixer.tped_intermediate_size,
+        mixer.tped_conv_size,
+        mixer.groups_ssm_state_size // mixer.tp_size,
+    )
     channels = slice(conv - 2 * groups_n, conv - groups_n) if which == "b" else slice(conv - groups_n, conv)
     bias = mixer.conv1d.bias[channels] if mixer.conv1d.bias is not None else None
     return projected[:, inner : inner + conv][:, channels], mixer.conv1d.weight.reshape(conv, -1)[channels], bias
@@ -109,7 +123,9 @@ def _groups(mixer) -> int:
     return mixer.n_groups // mixer.tp_size  # the model refuses TP sizes that do not divide n_groups
 
 
-def _conv_channels_at(projected: torch.Tensor, mixer, which: str, rows: torch.Tensor, first_row: torch.Tensor) -> torch.Tensor:
+def _conv_channels_at(
+    projected: torch.Tensor, mixer, which: str, rows: torch.Tensor, first_row: torch.Tensor
+) -> torch.Tensor:
     """B or C (..., G, N) float32 at `rows` (any shape; `first_row` alike: each row's
     request's first row)."""
     x, weight, bias = _conv_inputs(projected, mixer, which)
@@ -156,12 +172,14 @@ def _segment_of(first_row: torch.Tensor, queries: Varlen) -> torch.Tensor:
     return torch.repeat_interleave(first_row, queries.device[1].long(), output_size=sum(queries.lengths))
 
 
-def _decayed_scores(projected, mixer, query_rows, queries: Varlen, keys: Varlen, visual_rows, use_dt: bool) -> torch.Tensor:
+def _decayed_scores(
+    projected, mixer, query_rows, queries: Varlen, keys: Varlen, visual_rows, use_dt: bool
+) -> torch.Tensor:
     """The ablation the paper argues against: |C_t.B_s| dt_s exp(A_h (cs_t - cs_s)) summed
     over heads, cs = cumsum(dt) over the request's rows. Torch only, one request at a time."""
     out = torch.zeros(visual_rows.shape, dtype=torch.float32, device=projected.device)
     a = mixer.A.float()
-    for r, (k0, nk, q0, nq) in enumerate(zip(keys.starts, keys.lengths, queries.starts, queries.lengths)):
+    for r, (k0, nk, q0, nq) in enumerate(zip(keys.starts, keys.lengths, queries.starts, queries.lengths, strict=True)):
         rows = torch.arange(k0, k0 + nk, device=projected.device)
         b, c, dt = mamba_bc_dt(projected, mixer, rows, torch.full_like(rows, k0))
         q_local = query_rows[q0 : q0 + nq] - k0

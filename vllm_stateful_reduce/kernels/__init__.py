@@ -1,10 +1,7 @@
-"""Hot-path kernels: Triton for GPUs, plain PyTorch references with the same signature.
+"""Hot-path kernels: Triton for GPUs (`triton_kernels`) and plain PyTorch versions with the
+same signatures (`torch_ops`).
 
-`dispatch` picks Triton for CUDA tensors when Triton is usable and the reference
-otherwise (the CPU build runs the references in production). Tests run the Triton
-kernels under TRITON_INTERPRET=1 against the references.
+`scoring.kernels_for` picks Triton for CUDA tensors when Triton imports and `torch_ops`
+otherwise (the CPU build runs `torch_ops` in production). Tests run the Triton kernels
+under TRITON_INTERPRET=1 against `torch_ops`.
 """
-
-from . import reference
-
-__all__ = ["reference"]

@@ -1,4 +1,4 @@
-"""Triton versions of `reference.py` (same signatures and results).
+"""Triton versions of `torch_ops.py` (same signatures and results).
 
 The scoring kernels read each request's segment from the device tables
 (`Varlen.device`); the host tuples only size the grids. Every sum runs in a fixed
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import Varlen
+from .torch_ops import Varlen
 
 _MIN_DOT = 16  # tl.dot needs every tile side >= 16
 
@@ -148,7 +148,7 @@ def _attention_colsum_kernel(
     j_ok = j < V
     cols = tl.load(v_ptr + r * stride_vr + j * stride_vj, mask=j_ok, other=-1).to(tl.int64)
     scored = cols >= 0
-    s = tl.minimum(tl.maximum(cols - k0, 0), nk - 1)  # key index in the request, clamped like the reference
+    s = tl.minimum(tl.maximum(cols - k0, 0), nk - 1)  # key index in the request, clamped like torch_ops
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < D
     acc = tl.zeros((BLOCK_V,), tl.float32)
@@ -173,7 +173,7 @@ def attention_scores(
     q: torch.Tensor, k: torch.Tensor, queries: Varlen, keys: Varlen, v_rows: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Mean softmax attention each scored key receives from its request's query rows
-    (see `reference.attention_scores`); two deterministic passes, never L x L."""
+    (see `torch_ops.attention_scores`); two deterministic passes, never L x L."""
     _check_same_device("q", q, {"k": k, "v_rows": v_rows, "queries.device": queries.device, "keys.device": keys.device})
     (_, hq, d), (_, hk, dk) = q.shape, k.shape
     if d != dk or hq % hk:
@@ -243,7 +243,7 @@ def _mamba_scores_kernel(
 def mamba_scores(
     c: torch.Tensor, b: torch.Tensor, weight: torch.Tensor | None, queries: Varlen, v_rows: torch.Tensor
 ) -> torch.Tensor:
-    """Implicit-attention proxy of Mamba2 without the decay (see `reference.mamba_scores`)."""
+    """Implicit-attention proxy of Mamba2 without the decay (see `torch_ops.mamba_scores`)."""
     _check_same_device("c", c, {"b": b, "weight": weight, "v_rows": v_rows, "queries.device": queries.device})
     (_, groups, n), (_, groups_b, n_b) = c.shape, b.shape
     if (groups, n) != (groups_b, n_b):

@@ -6,10 +6,12 @@ video-only. The language model is vLLM's own NemotronH.
 """
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.nn as nn
-from vllm.config import VllmConfig
+from vllm.config import VllmConfig, set_current_vllm_config
+from vllm.logger import init_logger
 from vllm.model_executor.layers.activation import ReLUSquaredActivation
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
@@ -21,21 +23,19 @@ from vllm.model_executor.models.interfaces import (
 )
 from vllm.model_executor.models.nemotron_h import NemotronHForCausalLM
 from vllm.model_executor.models.radio import RadioModel
-from vllm.config import set_current_vllm_config
-from vllm.logger import init_logger
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 from vllm.tokenizers import cached_tokenizer_from_config
 
-from ..config import from_additional_config
 from .. import vllm_compat
+from ..config import from_additional_config
 from ..log import describe
 from ..plan import VisualTokens
 from ..state import RequestInfo, RunnerBatch
-from .config import IMG_END, NemotronNanoVLConfig, radio_config_from
-from .reduced_stack import ReducibleNemotronHForCausalLM
+from .hf_config import IMG_END, NemotronNanoVLConfig, radio_config_from
 from .processing import NanoVLDummyInputsBuilder, NanoVLMultiModalProcessor, NanoVLProcessingInfo
+from .reduced_stack import ReducibleNemotronHForCausalLM
 
 logger = init_logger(__name__)
 
@@ -70,7 +70,9 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
         self.patch_size = config.patch_size
 
         self.reduction = from_additional_config(vllm_config.additional_config)  # checked at start-up
-        logger.info_once("stateful_reduce: %s", describe(self.reduction, config.text_config.hybrid_override_pattern), scope="local")
+        logger.info_once(
+            "stateful_reduce: %s", describe(self.reduction, config.text_config.hybrid_override_pattern), scope="local"
+        )
         tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
         visual_tokens = VisualTokens(
             context_token_id=config.img_context_token_id,
@@ -79,12 +81,15 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
         )
         text_vllm_config = vllm_config.with_hf_config(config.text_config, architectures=["NemotronHForCausalLM"])
         language_prefix = maybe_prefix(prefix, "language_model")
-        with self._mark_language_model(vllm_config), set_current_vllm_config(text_vllm_config, prefix=language_prefix):
+        with (
+            vllm_compat.language_model_part(self, vllm_config),
+            set_current_vllm_config(text_vllm_config, prefix=language_prefix),
+        ):
             self.language_model = ReducibleNemotronHForCausalLM(
                 vllm_config=text_vllm_config, prefix=language_prefix, visual_tokens=visual_tokens
             )
         dtype = vllm_config.model_config.dtype
-        with self._mark_tower_model(vllm_config, "video"):
+        with vllm_compat.tower_model_part(self, vllm_config, "video"):
             self.vision_model = RadioModel(config=radio_config_from(config)).to(dtype)
             shuffled = config.vit_hidden_size * int(round(1 / self.downsample_ratio)) ** 2
             self.mlp1 = nn.Sequential(
@@ -134,7 +139,7 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(frames, 3, S, S) -> (frames, tokens_per_frame, llm_hidden)."""
-        _, vit_embeds = self.vision_model(pixel_values.to(self.mlp1[1].weight.dtype))
+        _, vit_embeds = self.vision_model(pixel_values.to(cast(nn.Linear, self.mlp1[1]).weight.dtype))
         side = pixel_values.shape[-1] // self.patch_size
         vit_embeds = vit_embeds.reshape(vit_embeds.shape[0], side, side, -1)
         vit_embeds = pixel_shuffle(vit_embeds, self.downsample_ratio)
@@ -145,11 +150,13 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
         if pixel_values is None:
             return []
         if isinstance(pixel_values, (list, tuple)):
-            pixel_values = torch.cat(list(pixel_values))
-        elif pixel_values.ndim == 5:  # same-shape videos stacked by the batcher
-            pixel_values = pixel_values.flatten(0, 1)
+            frames = torch.cat(list(pixel_values))
+        else:
+            frames = cast(torch.Tensor, pixel_values)
+            if frames.ndim == 5:  # same-shape videos stacked by the batcher
+                frames = frames.flatten(0, 1)
         num_frames = torch.as_tensor(kwargs["video_num_patches"]).flatten().tolist()
-        features = self.extract_feature(pixel_values)  # all frames of all videos
+        features = self.extract_feature(frames)  # all frames of all videos
         hidden = self.config.text_config.hidden_size
         per_video = features.split(num_frames)
         return tuple(v.reshape(-1, hidden) for v in per_video)

@@ -29,9 +29,8 @@ from vllm.multimodal.processing.processor import (
 
 from ..config import CONFIG_KEY
 from ..media import video_metadata
-from ..vllm_compat import check_request_options
-from .config import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER, NemotronNanoVLConfig
-
+from ..vllm_compat import check_request_options, dummy_videos, expected_hidden_size
+from .hf_config import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER, NemotronNanoVLConfig
 
 # Per-request reduction options travel as a per-video tensor, one value per field of
 # OPTION_NAMES (NaN = not set), kept with the request's multimodal features.
@@ -51,15 +50,13 @@ def encode_options(options: object) -> torch.Tensor:
 
 def decode_options(encoded: torch.Tensor) -> dict | None:
     values = encoded.flatten().view(torch.float64).tolist()
-    out = {k: v for k, v in zip(OPTION_NAMES, values) if v == v}  # drop NaN
+    out = {k: v for k, v in zip(OPTION_NAMES, values, strict=True) if v == v}  # drop NaN
     if "enabled" in out:
         out["enabled"] = bool(out["enabled"])
     return out or None
 
 
-def frames_to_pixel_values(
-    frames: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
+def frames_to_pixel_values(frames: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(T, H, W, 3) uint8 frames -> (T, 3, size, size) float32, normalised.
 
     Bicubic with antialiasing on float values, as vLLM's in-tree processor does.
@@ -67,9 +64,7 @@ def frames_to_pixel_values(
     validate_frames(frames)
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
     if x.shape[-2:] != (size, size):
-        x = torch.nn.functional.interpolate(
-            x, size=(size, size), mode="bicubic", align_corners=False, antialias=True
-        )
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return ((x / 255.0 - mean_t) / std_t).contiguous()
@@ -97,8 +92,7 @@ def frame_duration_ms(metadata: Mapping[str, Any]) -> int:
 
 def frame_separators(frames_indices: Sequence[int], duration_ms: int) -> list[str]:
     return [
-        ("\n" if i > 0 else "")
-        + f"Frame {i + 1} sampled at {int(idx) * duration_ms / 1000.0:.2f} seconds: "
+        ("\n" if i > 0 else "") + f"Frame {i + 1} sampled at {int(idx) * duration_ms / 1000.0:.2f} seconds: "
         for i, idx in enumerate(frames_indices)
     ]
 
@@ -131,15 +125,16 @@ class NanoVLVideoPreprocessor:
                 "pixel_values_flat_video": torch.cat(pixel_values),
                 "video_num_patches": torch.tensor([len(p) for p in pixel_values]),
                 "frames_indices": [
-                    torch.as_tensor(video_frames_indices(frames, meta), dtype=torch.int64)
-                    for frames, meta in videos
+                    torch.as_tensor(video_frames_indices(frames, meta), dtype=torch.int64) for frames, meta in videos
                 ],
                 "frame_duration_ms": torch.tensor([frame_duration_ms(meta) for _f, meta in videos]),
                 OPTIONS_FIELD: options.expand(len(videos), len(OPTION_NAMES)).clone(),
             }
         )
 
-    def video_replacement(self, num_frames: int, frames_indices: Sequence[int], duration_ms: int) -> PromptUpdateDetails:
+    def video_replacement(
+        self, num_frames: int, frames_indices: Sequence[int], duration_ms: int
+    ) -> PromptUpdateDetails:
         """Token ids of a whole video; only the context tokens take visual embeddings."""
         seps = frame_separators(frames_indices[:num_frames], duration_ms)
         sep_ids = self.tokenizer(seps, add_special_tokens=False)["input_ids"]
@@ -153,9 +148,7 @@ def video_frames_indices(frames: np.ndarray, metadata: Mapping[str, Any]) -> lis
     validate_frames(frames)
     indices = list(metadata.get("frames_indices") or range(frames.shape[0]))
     if len(indices) != frames.shape[0]:
-        raise ValueError(
-            f"video: metadata lists {len(indices)} frames_indices for {frames.shape[0]} frames"
-        )
+        raise ValueError(f"video: metadata lists {len(indices)} frames_indices for {frames.shape[0]} frames")
     return indices
 
 
@@ -177,9 +170,7 @@ class NanoVLProcessingInfo(BaseProcessingInfo):
         return {"video": None}
 
     def get_data_parser(self) -> MultiModalDataParser:
-        return MultiModalDataParser(
-            video_needs_metadata=True, expected_hidden_size=self._get_expected_hidden_size()
-        )
+        return MultiModalDataParser(video_needs_metadata=True, expected_hidden_size=expected_hidden_size(self))
 
     def frame_token_cost(self) -> int:
         """Prompt tokens one frame costs, wrappers included (upper bound over indices)."""
@@ -204,8 +195,8 @@ class NanoVLDummyInputsBuilder(BaseDummyInputsBuilder[NanoVLProcessingInfo]):
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: Any = None) -> dict:
         size = self.info.get_hf_config().force_image_size
         num_frames = self.info.get_num_frames_with_most_features(seq_len, mm_counts)
-        videos = self._get_dummy_videos(
-            width=size, height=size, num_frames=num_frames, num_videos=mm_counts.get("video", 0)
+        videos = dummy_videos(
+            self, width=size, height=size, num_frames=num_frames, num_videos=mm_counts.get("video", 0)
         )
         return {"video": [(video, video_metadata(num_frames)) for video in videos]}
 

@@ -32,15 +32,15 @@ from vllm.multimodal.video_prune.evs import compute_retention_mask
 
 from .. import metadata as md
 from .. import scoring
+from ..config import ReductionConfig, from_additional_config
 from ..log import ReasonRateLimit, local_first_rank
 from ..metrics import ReductionMetrics
-from ..config import ReductionConfig, from_additional_config
 from ..plan import DevicePlan, StepPlan, VisualTokens, plan_step
 from ..schedule import SCORING_KINDS, Schedule, boundary_blocks, build_schedule
 from ..selection import Kept, compact, top_k
 from ..state import ReductionState, RunnerBatch
 from ..timing import PhaseTimer
-from ..vllm_compat import attention_backend_problem, nemotron_h_stack, stage_builders
+from ..vllm_compat import attention_backend_problem, install_layer_metadata, nemotron_h_stack, stage_builders
 from .layers import SCORED_LAYER_TYPES
 
 logger = init_logger(__name__)
@@ -65,9 +65,11 @@ class ReducibleNemotronHModel(NemotronHModel):
         self.attention_groups: tuple[md.StageBuilders, ...] | None = None  # bound by the runner glue
         self._schedules: dict[str, Schedule] = {}  # by config; a schedule is a bisection
         self.attention_names = [
-            l.mixer.attn.layer_name for l in self.layers if isinstance(l, NemotronHAttentionDecoderLayer)
+            layer.mixer.attn.layer_name for layer in self.layers if isinstance(layer, NemotronHAttentionDecoderLayer)
         ]
-        self.mamba_names = [l.mixer.prefix for l in self.layers if isinstance(l, NemotronHMambaDecoderLayer)]
+        self.mamba_names = [
+            layer.mixer.prefix for layer in self.layers if isinstance(layer, NemotronHMambaDecoderLayer)
+        ]
         for layer in self.layers:
             if isinstance(layer, NemotronHMambaDecoderLayer) and layer.mixer.n_groups % layer.mixer.tp_size:
                 raise ValueError("token reduction needs n_groups divisible by the tensor-parallel size")
@@ -80,7 +82,9 @@ class ReducibleNemotronHModel(NemotronHModel):
         timer = PhaseTimer(self.timing, positions.device)
         start = timer.clock()
         with timer.phase("plan"):
-            plan = plan_step(self.batch.requests, self.state.dropped, self.visual_tokens, self._schedule, len(self.boundaries) + 1)
+            plan = plan_step(
+                self.batch.requests, self.state.dropped, self.visual_tokens, self._schedule, len(self.boundaries) + 1
+            )
             self._record_plan(plan)
         if not plan.active:
             out = NemotronHModel.forward(self, input_ids, positions, intermediate_tensors, inputs_embeds)
@@ -96,7 +100,9 @@ class ReducibleNemotronHModel(NemotronHModel):
                 ctx.slot_mapping.update(saved[1])
         self.metrics.record_work(timer.seconds)
         if self.timing:
-            self.state.timings.append(timer.record(start, bool(plan.reducing), len(plan.scheduled), int(plan.scheduled.sum())))
+            self.state.timings.append(
+                timer.record(start, bool(plan.reducing), len(plan.scheduled), int(plan.scheduled.sum()))
+            )
         return out
 
     def _record_plan(self, plan: StepPlan) -> None:
@@ -120,14 +126,20 @@ class ReducibleNemotronHModel(NemotronHModel):
             device_plan = plan.upload(hidden.device)
             ctx = get_forward_context()
             if self.attention_groups is None:
-                raise RuntimeError("the runner glue did not bind the attention groups (vllm_compat.install_runner_glue)")
+                raise RuntimeError(
+                    "the runner glue did not bind the attention groups (vllm_compat.install_runner_glue)"
+                )
             stages = md.stage_metadata(
                 plan, device_plan, ctx.attn_metadata, self.attention_groups, self.batch.block_tables, self.mamba_names
             )
         orig_rows = torch.arange(total, device=hidden.device)
         kept = history = None
         if plan.reducing:
-            kept = Kept(device_plan.visual_rows, device_plan.visual_positions, torch.zeros_like(device_plan.visual_rows, dtype=torch.float32))
+            kept = Kept(
+                device_plan.visual_rows,
+                device_plan.visual_positions,
+                torch.zeros_like(device_plan.visual_rows, dtype=torch.float32),
+            )
             if any(r.config.evs_rate for r in plan.reducing):  # EVS-style pruning of the input, before block 0
                 with timer.phase("selection"):
                     index, kept = self._select(plan, device_plan, kept, 0, self._evs_scores(plan, kept, hidden), total)
@@ -139,7 +151,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         scored_stages = self._scored_stages(plan, config) if config is not None else set()
         stage = 0
         for b, layer in enumerate(self.layers):
-            if stage in scored_stages and self._scores_block(b, config):
+            if kept is not None and config is not None and stage in scored_stages and self._scores_block(b, config):
                 hidden, residual, projected = layer.forward_scored(hidden, residual)
                 with timer.phase("scoring"):
                     kept = kept.with_scores(self._block_scores(layer, projected, device_plan, stage, kept, config))
@@ -147,17 +159,17 @@ class ReducibleNemotronHModel(NemotronHModel):
                 hidden, residual = layer(positions=positions, hidden_states=hidden, residual=residual)
             if stage < len(self.boundaries) and b == self.boundaries[stage]:
                 stage += 1
-                if plan.reducing and self._drops_at(plan, stage):
-                    with timer.phase("selection"):
-                        num_rows = int(plan.rows[stage - 1].sum())
-                        ranking = self._ranking(plan, kept, stage) if config.selection == "random" else kept.scores
-                        index, kept = self._select(plan, device_plan, kept, stage, ranking, num_rows)
-                    with timer.phase("compaction"):
-                        hidden, residual = self._gather(hidden, index), self._gather(residual, index)
-                        orig_rows = orig_rows[index]
-                elif plan.reducing and self._stage_scores(stage, config):
-                    kept = kept.restarted()  # the next stage selects with its own scores
-                if plan.reducing:
+                if kept is not None and config is not None and history is not None:  # plan.reducing
+                    if self._drops_at(plan, stage):
+                        with timer.phase("selection"):
+                            num_rows = int(plan.rows[stage - 1].sum())
+                            ranking = self._ranking(plan, kept, stage) if config.selection == "random" else kept.scores
+                            index, kept = self._select(plan, device_plan, kept, stage, ranking, num_rows)
+                        with timer.phase("compaction"):
+                            hidden, residual = self._gather(hidden, index), self._gather(residual, index)
+                            orig_rows = orig_rows[index]
+                    elif self._stage_scores(stage, config):
+                        kept = kept.restarted()  # the next stage selects with its own scores
                     history.append(kept.positions)
                 self._install(stages[stage])
         hidden, _ = self.norm_f(hidden, residual)
@@ -209,7 +221,9 @@ class ReducibleNemotronHModel(NemotronHModel):
             scores = scoring.mamba_block_scores(projected, layer.mixer, *args, config.mamba_dt, config.mamba_decay)
         return scoring.normalised(scores, kept.valid, config.score_norm)
 
-    def _select(self, plan: StepPlan, device_plan: DevicePlan, kept: Kept, stage: int, ranking: torch.Tensor, num_rows: int):
+    def _select(
+        self, plan: StepPlan, device_plan: DevicePlan, kept: Kept, stage: int, ranking: torch.Tensor, num_rows: int
+    ):
         """Keep each reducing request's `keep[stage]` best-ranked visual tokens."""
         k_max = max(r.keep[stage] for r in plan.reducing)
         chosen = top_k(ranking, kept.valid, device_plan.keep[stage], k_max)
@@ -248,13 +262,8 @@ class ReducibleNemotronHModel(NemotronHModel):
         """Put a stage's metadata in the forward context for every layer. (None: the
         runner's layout stands; only stages before the first change can be None, since
         rows and keys per request never grow with depth.)"""
-        if stage_md is None:
-            return
-        ctx = get_forward_context()
-        for name, (meta, slots) in stage_md.items():
-            ctx.attn_metadata[name] = meta
-            if slots is not None:
-                ctx.slot_mapping[name] = slots
+        if stage_md is not None:
+            install_layer_metadata(stage_md)
 
     def _record_kept(self, plan: StepPlan, history: list[torch.Tensor]) -> None:
         """Prompt positions of the visual tokens kept at each stage (one device read)."""
@@ -268,7 +277,7 @@ class ReducibleNemotronHModel(NemotronHModel):
 
     def warm_up(self) -> None:
         """Compile the Mamba scoring's fused conv for this model's dtype now (start-up)."""
-        mamba = next((l for l in self.layers if isinstance(l, NemotronHMambaDecoderLayer)), None)
+        mamba = next((layer for layer in self.layers if isinstance(layer, NemotronHMambaDecoderLayer)), None)
         if mamba is not None:
             weight = mamba.mixer.conv1d.weight
             scoring.warm_up(mamba.mixer, weight.dtype, weight.device)

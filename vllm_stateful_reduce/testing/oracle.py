@@ -12,16 +12,17 @@ Covers checkpoints whose RADIO position grid equals the frame grid (the small
 checkpoints built here); the real model interpolates position embeddings (CPE).
 """
 
+from collections.abc import Sequence
 from pathlib import Path
-
-from .config import ReductionConfig
-from .schedule import SCORING_KINDS, boundary_blocks, build_schedule
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoTokenizer, NemotronHConfig, NemotronHForCausalLM, PretrainedConfig
+
+from ..config import ReductionConfig
+from ..schedule import SCORING_KINDS, boundary_blocks, build_schedule
 
 
 class TensorDict(nn.Module):
@@ -36,7 +37,7 @@ class TensorDict(nn.Module):
         return self.params[self.names.index(name)]
 
     def items(self):
-        return zip(self.names, self.params)
+        return zip(self.names, self.params, strict=True)
 
 
 class ReferenceNanoVL(nn.Module):
@@ -44,8 +45,16 @@ class ReferenceNanoVL(nn.Module):
         super().__init__()
         ckpt = Path(checkpoint)
         self.config, _ = PretrainedConfig.get_config_dict(ckpt)
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(ckpt / "model.safetensors").items()}
-        self.vit = TensorDict({k.removeprefix("vision_model.radio_model."): v for k, v in tensors.items() if k.startswith("vision_model.")})
+        tensors = {
+            k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(ckpt / "model.safetensors").items()
+        }
+        self.vit = TensorDict(
+            {
+                k.removeprefix("vision_model.radio_model."): v
+                for k, v in tensors.items()
+                if k.startswith("vision_model.")
+            }
+        )
         self.mlp1 = TensorDict({k.removeprefix("mlp1."): v for k, v in tensors.items() if k.startswith("mlp1.")})
         text_config = NemotronHConfig(**self.config["llm_config"])
         self.lm = NemotronHForCausalLM(text_config).to(dtype).eval()
@@ -78,14 +87,16 @@ class ReferenceNanoVL(nn.Module):
         prefix = w["model.patch_generator.cls_token.token"]
         x = torch.cat([prefix.expand(n, -1, -1), x], dim=1)
         for i in range(self.vit_layers):
-            b = lambda name: w[f"model.blocks.{i}.{name}"]  # noqa: E731
+            b = lambda name, i=i: w[f"model.blocks.{i}.{name}"]  # noqa: E731
             h = F.layer_norm(x, x.shape[-1:], b("norm1.weight"), b("norm1.bias"), eps=1e-6)
             q, k, v = F.linear(h, b("attn.qkv.weight"), b("attn.qkv.bias")).chunk(3, dim=-1)
             heads = lambda t: t.unflatten(-1, (self.vit_heads, -1)).transpose(1, 2)  # noqa: E731
             a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).flatten(2)
             x = x + F.linear(a, b("attn.proj.weight"), b("attn.proj.bias"))
             h = F.layer_norm(x, x.shape[-1:], b("norm2.weight"), b("norm2.bias"), eps=1e-6)
-            x = x + F.linear(F.gelu(F.linear(h, b("mlp.fc1.weight"), b("mlp.fc1.bias"))), b("mlp.fc2.weight"), b("mlp.fc2.bias"))
+            x = x + F.linear(
+                F.gelu(F.linear(h, b("mlp.fc1.weight"), b("mlp.fc1.bias"))), b("mlp.fc2.weight"), b("mlp.fc2.bias")
+            )
         x = x[:, prefix.shape[0] :]  # drop cls + register tokens
         # pixel shuffle 0.5 (v2): 2x2 neighbours -> channels, row-major
         c = x.shape[-1]
@@ -94,11 +105,11 @@ class ReferenceNanoVL(nn.Module):
         return F.relu(x @ self.mlp1["1.weight"].T).square() @ self.mlp1["3.weight"].T
 
     @torch.no_grad()
-    def logits(self, input_ids: list[int], pixel_values: list[torch.Tensor] = ()) -> torch.Tensor:
+    def logits(self, input_ids: list[int], pixel_values: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """(len(input_ids), vocab) logits; video i's features fill its `<image>` slots in order."""
         return self.lm(inputs_embeds=self._embeds(input_ids, pixel_values)[None]).logits[0]
 
-    def _embeds(self, input_ids: list[int], pixel_values: list[torch.Tensor]) -> torch.Tensor:
+    def _embeds(self, input_ids: list[int], pixel_values: Sequence[torch.Tensor]) -> torch.Tensor:
         ids = torch.tensor(input_ids)
         embeds = self.lm.get_input_embeddings()(ids)
         if pixel_values:
@@ -115,13 +126,17 @@ class ReferenceNanoVL(nn.Module):
         """Positions of the prompt's visual tokens and of the question Q: the prompt
         text after the last video's closing `</img>` (empty without a video)."""
         visual = torch.nonzero(torch.tensor(input_ids[:prompt_len]) == self.image_context_id).flatten()
-        query = torch.arange(int(visual[-1]) + 1 + self.video_end_length, prompt_len) if len(visual) else torch.arange(0)
+        query = (
+            torch.arange(int(visual[-1]) + 1 + self.video_end_length, prompt_len) if len(visual) else torch.arange(0)
+        )
         return visual, query
 
     def run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Block i of the language model on whole sequences, (L, hidden) or (B, L, hidden), causal."""
         x = h if h.dim() == 3 else h[None]
-        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()[None, None] if self.pattern[i] == "*" else None
+        causal = (
+            torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()[None, None] if self.pattern[i] == "*" else None
+        )
         y = self.lm.model.layers[i](x, attention_mask=causal)
         return y if h.dim() == 3 else y[0]
 
@@ -194,13 +209,18 @@ class ReferenceNanoVL(nn.Module):
         stage = 0
         for i, block in enumerate(self.lm.model.layers):
             kind = SCORING_KINDS.get(pattern[i])
-            scoring = reduce and kept is None and stage < len(boundaries) and kind and config.score_layers in ("all", kind)
+            scoring = (
+                reduce and kept is None and stage < len(boundaries) and kind and config.score_layers in ("all", kind)
+            )
             if scoring:
                 local = {int(p): j for j, p in enumerate(rows)}
                 q_rows = torch.tensor([local[int(p)] for p in query])
                 v_rows = torch.tensor([local[int(p)] for p in out_kept[-1]])
-                s = (self._attention_scores(block, h, q_rows, v_rows) if kind == "attention"
-                     else self._mamba_scores(block, h, q_rows, v_rows, config.mamba_dt, config.mamba_decay))  # fmt: skip
+                s = (
+                    self._attention_scores(block, h, q_rows, v_rows)
+                    if kind == "attention"
+                    else self._mamba_scores(block, h, q_rows, v_rows, config.mamba_dt, config.mamba_decay)
+                )
                 if config.score_norm == "sum":
                     scores = scores + s / s.sum()
                 elif len(s) > 1:
@@ -224,7 +244,9 @@ class ReferenceNanoVL(nn.Module):
         h = self.lm.model.norm_f(h)
         return self.lm.lm_head(h[-1]), out_kept
 
-    def forward_kept(self, embeds: torch.Tensor, kept: list[list[torch.Tensor]], config: ReductionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_kept(
+        self, embeds: torch.Tensor, kept: list[list[torch.Tensor]], config: ReductionConfig
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Differentiable language-model forward of a batch (B, L, hidden), dropping after
         each boundary the visual tokens a row's `kept` (per stage, from `reduced_forward`;
         stage 0 = all its visual tokens) leaves out: training under reduction. Every row
@@ -234,12 +256,12 @@ class ReferenceNanoVL(nn.Module):
             raise ValueError("forward_kept does not drop tokens before the language model (evs_rate)")
         boundaries = boundary_blocks(self.pattern, config)
         rows = torch.arange(embeds.shape[1]).expand(len(embeds), -1)
-        h, stage, is_visual = embeds, 0, torch.stack([torch.isin(r, k[0]) for r, k in zip(rows, kept)])
+        h, stage, is_visual = embeds, 0, torch.stack([torch.isin(r, k[0]) for r, k in zip(rows, kept, strict=True)])
         for i in range(len(self.pattern)):
             h = self.run_block(i, h)
             if stage < len(boundaries) and i == boundaries[stage]:
                 stage += 1
-                stay = ~is_visual | torch.stack([torch.isin(r, k[stage]) for r, k in zip(rows, kept)])
+                stay = ~is_visual | torch.stack([torch.isin(r, k[stage]) for r, k in zip(rows, kept, strict=True)])
                 h, rows, is_visual = (t[stay].view(len(t), -1, *t.shape[2:]) for t in (h, rows, is_visual))
         return self.lm.model.norm_f(h), rows
 

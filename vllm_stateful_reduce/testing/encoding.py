@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from .media import video_metadata
-from .model.config import NemotronNanoVLConfig
-from .model.processing import NanoVLVideoPreprocessor, frames_to_pixel_values
+from ..media import video_metadata
+from ..model.hf_config import NemotronNanoVLConfig
+from ..model.processing import NanoVLVideoPreprocessor, frames_to_pixel_values
 from .tasks import Example
 from .tokenizer import chat_prompt
 
@@ -25,7 +25,9 @@ class Encoder:
         ids = self.tokenizer.encode(chat_prompt(example.question), add_special_tokens=False)
         at = ids.index(self.video_id)
         meta = video_metadata(len(example.frames))  # what the benchmark passes with the frames
-        video = self.processor.video_replacement(len(example.frames), meta["frames_indices"], int(1000 / meta["fps"])).full
+        video = self.processor.video_replacement(
+            len(example.frames), meta["frames_indices"], int(1000 / meta["fps"])
+        ).full
         return ids[:at] + video + ids[at + 1 :]
 
     def answer_ids(self, example: Example) -> list[int]:

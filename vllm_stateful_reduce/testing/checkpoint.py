@@ -6,7 +6,7 @@ The tensor names, shapes and config keys are those of the real checkpoint
 The language model comes from transformers' own NemotronH, an implementation
 independent of vLLM's.
 
-    python -m vllm_stateful_reduce.checkpoint OUT_DIR [--hidden-size 128 ...]
+    python -m vllm_stateful_reduce.testing.checkpoint OUT_DIR [--hidden-size 128 ...]
 """
 
 import argparse
@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
-from . import ARCHITECTURE
-from .model.config import NemotronNanoVLConfig
+from .. import ARCHITECTURE
+from ..model.hf_config import NemotronNanoVLConfig
 from .tokenizer import build_tokenizer
 
 TEACHERS = [{"name": "clip", "use_summary": True}, {"name": "siglip", "use_summary": True}]

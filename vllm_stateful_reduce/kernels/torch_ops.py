@@ -2,7 +2,7 @@
 
 The scoring kernels take a varlen batch: the reducing requests of one step, packed
 row after row. `Varlen` says where each request's rows are, with host copies for
-Python loops (these references) and a device copy for kernels (Triton), both made
+Python loops (these torch ops) and a device copy for kernels (Triton), both made
 when the step is planned, so neither implementation reads the device to find out.
 """
 
@@ -51,7 +51,7 @@ def attention_scores(
     out = torch.zeros(v_rows.shape, dtype=torch.float32, device=q.device)
     hq, hk, d = q.shape[1], k.shape[1], q.shape[2]
     group = hq // hk
-    for r, (q0, nq, k0, nk) in enumerate(zip(queries.starts, queries.lengths, keys.starts, keys.lengths)):
+    for r, (q0, nq, k0, nk) in enumerate(zip(queries.starts, queries.lengths, keys.starts, keys.lengths, strict=True)):
         if nq == 0:
             continue
         # 1. logits per KV head for its group of query heads: (Hk, T*group, L_r)
@@ -83,7 +83,7 @@ def mamba_scores(
         out[r, j] = 1/T_r sum_{t in r, g} |C_tg . B_sg| * weight_sg,  s = v_rows[r, j].
     """
     out = torch.zeros(v_rows.shape, dtype=torch.float32, device=c.device)
-    for r, (q0, nq) in enumerate(zip(queries.starts, queries.lengths)):
+    for r, (q0, nq) in enumerate(zip(queries.starts, queries.lengths, strict=True)):
         if nq == 0:
             continue
         cols = v_rows[r]

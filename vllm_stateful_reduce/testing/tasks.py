@@ -14,6 +14,7 @@ Everything follows from an integer seed; train and test use disjoint seed ranges
 Answers are one word, scored by exact match.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,7 +67,11 @@ def _draw(objects: list[Object], size: int, rng: np.random.Generator) -> tuple[n
 
 
 def _fill(
-    num_frames: int, fixed: dict[int, Object], allowed: list[tuple[str, str]], clutter: float, rng: np.random.Generator
+    num_frames: int,
+    fixed: Mapping[int, Object],
+    allowed: list[tuple[str, str]],
+    clutter: float,
+    rng: np.random.Generator,
 ) -> list[Object]:
     """`fixed` frames as given; every other frame holds a random allowed object with
     probability `clutter`, else nothing."""
@@ -74,7 +79,9 @@ def _fill(
     return [fixed[t] if t in fixed else (pick() if rng.random() < clutter else None) for t in range(num_frames)]
 
 
-def make_example(seed: int, num_frames: int = 8, size: int = 64, kind: str | None = None, clutter: float = 0.6) -> Example:
+def make_example(
+    seed: int, num_frames: int = 8, size: int = 64, kind: str | None = None, clutter: float = 0.6
+) -> Example:
     """`clutter`: chance that a frame not needed for the answer holds a distractor
     (training also draws easier, less cluttered videos)."""
     rng = np.random.default_rng(seed)
@@ -101,7 +108,11 @@ def make_example(seed: int, num_frames: int = 8, size: int = 64, kind: str | Non
         pair = ["red", "green"] if rng.random() < 0.5 else ["green", "red"]
         fixed = {first: (pair[0], str(rng.choice(list(SHAPES)))), second: (pair[1], str(rng.choice(list(SHAPES))))}
         objects = _fill(num_frames, fixed, [o for o in every if o[0] not in pair], clutter, rng)
-        question, answer, choices = "Which comes first, red or green?", pair[0] if first < second else pair[1], ("red", "green")
+        question, answer, choices = (
+            "Which comes first, red or green?",
+            pair[0] if first < second else pair[1],
+            ("red", "green"),
+        )
     else:
         raise ValueError(f"unknown task kind {kind!r}; one of {KINDS}")
     frames, quadrants = _draw(objects, size, rng)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import ARCHITECTURE
+from .. import ARCHITECTURE
 
 # CLI form of REQUIRED_ENGINE_ARGS.
 REQUIRED_SERVE_FLAGS = ["--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill"]
@@ -60,7 +60,10 @@ def running_server(
     env = {**os.environ, "VLLM_PLUGINS": os.environ.get("VLLM_PLUGINS", "stateful_reduce")}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            command(port) if command else serve_command(model, port, max_model_len, extra), stdout=log, stderr=subprocess.STDOUT, env=env,
+            command(port) if command else serve_command(model, port, max_model_len, extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"

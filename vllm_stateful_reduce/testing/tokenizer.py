@@ -12,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .model.config import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER
+from ..model.hf_config import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"  # ids 0, 1, 2 as NemotronH's config expects
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -53,7 +53,9 @@ def default_corpus() -> list[str]:
     return frames + [words] * 20 + [str(n) for n in range(1000)]
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 512, corpus: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    out_dir: Path, vocab_size: int = 512, corpus: Iterable[str] | None = None
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `corpus` and save it as an HF fast tokenizer."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
