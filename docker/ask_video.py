@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 
 from vllm_stateful_reduce.testing.tasks import KINDS, TEST_SEEDS, make_example
-from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
+from vllm_stateful_reduce.testing.video_files import video_question, write_video
 
 
 def ask(client: openai.OpenAI, model: str, video: Path, question: str) -> str:
@@ -24,15 +24,7 @@ def ask(client: openai.OpenAI, model: str, video: Path, question: str) -> str:
         model=model,
         max_tokens=8,
         temperature=0.0,
-        messages=[
-            {
-                "role": "user",
-                "content": [
-                    {"type": "video_url", "video_url": {"url": video_data_url(video)}},
-                    {"type": "text", "text": question},
-                ],
-            }
-        ],
+        messages=video_question(video, question),
     )
     return (reply.choices[0].message.content or "").strip()
 

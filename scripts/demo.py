@@ -19,7 +19,7 @@ import openai
 
 from vllm_stateful_reduce.testing.launch import running_server
 from vllm_stateful_reduce.testing.tasks import KINDS, TEST_SEEDS, make_example
-from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
+from vllm_stateful_reduce.testing.video_files import video_question, write_video
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "video-qa-small"
@@ -59,15 +59,7 @@ def main() -> None:
                     model=model,
                     max_tokens=8,
                     temperature=0.0,
-                    messages=[
-                        {
-                            "role": "user",
-                            "content": [
-                                {"type": "video_url", "video_url": {"url": video_data_url(video)}},
-                                {"type": "text", "text": e.question},
-                            ],
-                        }
-                    ],
+                    messages=video_question(video, e.question),
                     extra_body={"mm_processor_kwargs": {"stateful_reduce": options}},
                 )
                 answers[mode] = reply.choices[0].message.content.strip()

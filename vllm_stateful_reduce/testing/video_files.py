@@ -47,3 +47,9 @@ def video_data_url(path: str | Path) -> str:
     """A `data:video/...;base64,` URL for an OpenAI `video_url` content part."""
     mime = mimetypes.guess_type(str(path))[0] or "video/mp4"
     return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def video_question(video: str | Path, question: str) -> list[dict]:
+    """OpenAI chat `messages`: one user turn with the video (as a data URL) and the question."""
+    part = {"type": "video_url", "video_url": {"url": video_data_url(video)}}
+    return [{"role": "user", "content": [part, {"type": "text", "text": question}]}]
