@@ -68,14 +68,16 @@ def test_attention_score_reference_is_the_formula() -> None:
 
 
 def test_mamba_b_at_visual_rows_is_the_scan_conv() -> None:
-    """B at the visual rows (the compiled window conv) equals silu(conv1d) over each
-    request's whole segment from a zero conv state (how vLLM's CPU conv runs a fresh
-    prefill), read at those rows; three requests packed with other rows between."""
+    """B at the visual rows, both ways the scoring computes it (the whole-segment shifted
+    conv of the hot path, and the window conv of `_conv_channels_at`), equals silu(conv1d)
+    over each request's whole segment from a zero conv state (how vLLM's CPU conv runs a
+    fresh prefill), read at those rows; three requests packed with other rows between."""
     import types
 
     import torch.nn.functional as F
 
-    from vllm_stateful_reduce.scoring import _conv_channels_at
+    from vllm_stateful_reduce.kernels.torch_ops import Varlen
+    from vllm_stateful_reduce.scoring import _conv_channels_at, _segments_b
 
     g = torch.Generator().manual_seed(3)
     inner, groups, n, heads, taps = 12, 2, 4, 3, 4
@@ -89,7 +91,8 @@ def test_mamba_b_at_visual_rows_is_the_scan_conv() -> None:
     starts, lengths = [2, 20, 41], [15, 9, 19]
     visual = torch.tensor([[2, 3, 4, 10, 16], [20, 22, 28, -1, -1], [41, 45, 50, 58, 59]])
     first = torch.tensor(starts)[:, None].expand_as(visual)
-    b = _conv_channels_at(projected, mixer, "b", visual.clamp_min(0), first)  # (R, V, G, N)
+    window = _conv_channels_at(projected, mixer, "b", visual.clamp_min(0), first)  # (R, V, G, N)
+    segments = _segments_b(projected, mixer, Varlen.of(starts, lengths), visual)  # (R, V, G, N)
     channels = slice(inner + conv - 2 * groups * n, inner + conv - groups * n)
     for r, (start, length) in enumerate(zip(starts, lengths, strict=True)):
         segment = projected[start : start + length, channels].T[None]  # (1, C, L) of this request
@@ -100,4 +103,5 @@ def test_mamba_b_at_visual_rows_is_the_scan_conv() -> None:
         scan = F.silu(F.conv1d(F.pad(segment, (taps - 1, 0)), weight, bias, groups=weight.shape[0]))[0].T  # (L, C)
         valid = visual[r] >= 0
         expected = scan[visual[r][valid] - start].view(-1, groups, n)
-        torch.testing.assert_close(b[r][valid], expected, atol=1e-6, rtol=1e-5)
+        for b in (window, segments):
+            torch.testing.assert_close(b[r][valid], expected, atol=1e-6, rtol=1e-5)

@@ -5,8 +5,7 @@ visual token) over the request's keys, read at the visual columns. Mamba2 block:
 the implicit-attention proxy |C_t . B_s| (x dt_s), without the exp(A * sum dt)
 decay unless asked, with B and C recomputed from the block's in_proj output through
 its causal conv1d + SiLU exactly as the scan consumes them (only at the rows that
-are scored, in one loop compiled by inductor: see `_causal_conv_silu_at`). Each
-block's scores over a request's visual tokens are put on one scale (z-scores by
+are scored). Each block's scores over a request's visual tokens are put on one scale (z-scores by
 default) so attention and Mamba blocks add up.
 
 All reducing requests of a step are scored in one call per block (varlen, sizes from
@@ -18,7 +17,6 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-from vllm.platforms import current_platform
 
 from .kernels import torch_ops
 from .kernels.torch_ops import Varlen
@@ -81,7 +79,7 @@ def mamba_block_scores(
         return tp_all_reduce(_decayed_scores(projected, mixer, query_rows, queries, keys, visual_rows, use_dt))
     width, num_visual = visual_rows.shape
     first_row = keys.device[0].long()  # (R,) first row of each request
-    b = _conv_channels_at(projected, mixer, "b", visual_rows.clamp_min(0), first_row[:, None].expand_as(visual_rows))
+    b = _segments_b(projected, mixer, keys, visual_rows)  # (R, V, G, N)
     c = _conv_channels_at(projected, mixer, "c", query_rows, _segment_of(first_row, queries))  # (T, G, N)
     flat = b.flatten(0, 1)  # (R*V, G, N): scored rows packed request by request
     rows = torch.arange(width * num_visual, device=b.device).view(width, num_visual).masked_fill(visual_rows < 0, -1)
@@ -126,36 +124,41 @@ def _groups(mixer) -> int:
 def _conv_channels_at(
     projected: torch.Tensor, mixer, which: str, rows: torch.Tensor, first_row: torch.Tensor
 ) -> torch.Tensor:
-    """B or C (..., G, N) float32 at `rows` (any shape; `first_row` alike: each row's
-    request's first row)."""
+    """B or C (..., G, N) at `rows`, window by window (cheap for a few rows, such as the
+    question rows; `_segments_b` serves the many visual rows)."""
     x, weight, bias = _conv_inputs(projected, mixer, which)
-    # own 1-d tensors (not views) with an unbacked length: one compilation serves every call
-    flat_rows, flat_first = rows.reshape(-1).clone(), first_row.reshape(-1).clone()
-    for t in (flat_rows, flat_first):
-        torch._dynamo.decorators.mark_unbacked(t, 0)
-    return _causal_conv_silu_at(x, weight, bias, flat_rows, flat_first).view(*rows.shape, _groups(mixer), -1)
+    return _causal_conv_silu_at(x, weight, bias, rows, first_row).view(*rows.shape, _groups(mixer), -1)
 
 
-def warm_up(mixer, dtype: torch.dtype, device: torch.device) -> None:
-    """Compile the fused conv of `_conv_channels_at` for this model's Mamba2 layers now
-    (start-up), not in the first reduced request (seconds of inductor work)."""
-    width = mixer.tped_intermediate_size + mixer.tped_conv_size + mixer.tped_dt_size
-    with torch.inference_mode():  # as the runner's forward runs (a guarded global state)
-        projected = torch.randn(13, width, device=device).to(dtype)
-        rows = torch.arange(2, 9, device=device)  # sizes unlike any other dimension (no duck-sized guards)
-        for which in ("b", "c"):  # their storage offsets differ: a graph each
-            _conv_channels_at(projected, mixer, which, rows, torch.zeros_like(rows))
+def _segments_b(projected: torch.Tensor, mixer, keys: Varlen, visual_rows: torch.Tensor) -> torch.Tensor:
+    """B (R, V, G, N) at the visual rows, by the conv over each request's whole segment:
+    segments are copied apart with W-1 zero rows before each (a fresh prefill's conv
+    state), then the W taps are W shifted multiply-adds over contiguous rows."""
+    x, weight, bias = _conv_inputs(projected, mixer, "b")
+    taps, (width, num_visual) = weight.shape[-1], visual_rows.shape
+    gap, total, device = taps - 1, sum(keys.lengths), x.device
+    starts, lengths = keys.device[0].long(), keys.device[1].long()
+    request = torch.repeat_interleave(torch.arange(width, device=device), lengths, output_size=total)
+    first = torch.cumsum(lengths, 0) - lengths  # packed offset of each segment
+    padded_first = first + gap * torch.arange(1, width + 1, device=device)  # after its zero rows
+    within = torch.arange(total, device=device) - first[request]
+    padded = x.new_zeros((total + gap * width, x.shape[-1]), dtype=torch.float32)
+    padded[padded_first[request] + within] = x.index_select(0, starts[request] + within).float()
+    w = weight.float()
+    out = padded[: total + gap * (width - 1)] * w[:, 0]  # out[i] is the conv at padded row i + gap
+    for k in range(1, taps):
+        out.addcmul_(padded[k : k + len(out)], w[:, k])
+    at = (visual_rows - starts[:, None] + padded_first[:, None] - gap).clamp_min(0)
+    return _silu_with_bias(out.index_select(0, at.flatten()), bias).view(width, num_visual, _groups(mixer), -1)
 
 
-@torch.compile(dynamic=True, backend=current_platform.simple_compile_backend)
 def _causal_conv_silu_at(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor, first_row: torch.Tensor
 ) -> torch.Tensor:
     """silu(sum_k weight[:, k] * x[row - (W-1-k)] + bias) at each of `rows`, taps before
     `first_row` reading zeros: the depthwise causal conv1d of the scan, row by row.
     x: (L, C); weight: (C, W); rows, first_row: same shape (...); returns (..., C) float32.
-    Memory-bound: compiled (as vLLM compiles its own small helpers), the window gather,
-    mask, taps, bias and SiLU are one loop over the output (3-4x the eager passes here)."""
+    One gather of each row's window, one masked multiply-add (memory-bound: few passes)."""
     taps = weight.shape[-1]
     source = rows[..., None] - torch.arange(taps - 1, -1, -1, device=rows.device)  # (..., W)
     window = x.index_select(0, source.clamp_min(0).flatten()).view(*source.shape, x.shape[-1])  # (..., W, C)

@@ -245,9 +245,8 @@ def install_runner_glue() -> None:
 
     Once, when the runner has made its attention groups and their metadata builders
     (before it allocates the KV cache tensors): the groups, so the model makes its
-    per-stage builders now and refuses an attention backend it does not know; then the
-    model and vLLM's log-prob op compile what they would otherwise compile in the first
-    request.
+    per-stage builders now and refuses an attention backend it does not know; then vLLM's
+    log-prob op is compiled, which the first request asking for log-probs would compile.
 
     Before each forward, who is in the batch: per batch row, a request id stable for
     the request's life (to keep its dropped counts across decode steps), the prompt
@@ -294,7 +293,6 @@ def install_runner_glue() -> None:
         model = self.get_model()
         if hasattr(model, "bind_attention_groups"):
             model.bind_attention_groups([g for groups in self.attn_groups for g in groups])
-            model.warm_up()
             warm_up_logprob_ranks(self.model_config.get_vocab_size(), self.device)
 
     mark_installed(_model_forward)
@@ -358,7 +356,6 @@ def model_state_cls() -> type:
         def prepare_attn(self, input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, *args, **kwargs):
             if not self.model.attention_groups_bound():
                 self.model.bind_attention_groups([g for groups in attn_groups for g in groups])
-                self.model.warm_up()
             rows = batch_rows(input_batch, self.prompts)
             self.model.set_batch(rows, block_tables if rows else [])
             return super().prepare_attn(

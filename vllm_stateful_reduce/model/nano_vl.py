@@ -116,10 +116,6 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
         """Called by the runner glue once its attention groups have their builders."""
         self.language_model.model.bind_attention_groups(groups)
 
-    def warm_up(self) -> None:
-        """Compile the scoring's fused helpers at start-up (called by the runner glue)."""
-        self.language_model.model.warm_up()
-
     def attention_groups_bound(self) -> bool:
         return self.language_model.model.attention_groups is not None
 

@@ -275,13 +275,6 @@ class ReducibleNemotronHModel(NemotronHModel):
 
     # ------------------------------------------------------------------ binding
 
-    def warm_up(self) -> None:
-        """Compile the Mamba scoring's fused conv for this model's dtype now (start-up)."""
-        mamba = next((layer for layer in self.layers if isinstance(layer, NemotronHMambaDecoderLayer)), None)
-        if mamba is not None:
-            weight = mamba.mixer.conv1d.weight
-            scoring.warm_up(mamba.mixer, weight.dtype, weight.device)
-
     def bind_attention_groups(self, groups: list) -> None:
         """Take the runner's attention groups of this stack's layers and make every
         stage's metadata builders now, while the runner makes its own (before the KV
