@@ -76,11 +76,17 @@ def logical_slots(
 
 
 def attention_metadata(
-    group: StageBuilders, block_table: torch.Tensor, plan: StepPlan, device_plan: DevicePlan, stage: int
+    group: StageBuilders,
+    block_table: torch.Tensor,
+    positions: tuple[torch.Tensor, torch.Tensor],
+    plan: StepPlan,
+    device_plan: DevicePlan,
+    stage: int,
 ) -> tuple[object, torch.Tensor]:
     """(new metadata, new slot mapping) of one attention group for a stage; `block_table`
-    is the runner's for the group's KV-cache group (manager blocks, on the device)."""
-    request, logical = logical_positions(plan, device_plan, stage)
+    is the runner's for the group's KV-cache group (manager blocks, on the device);
+    `positions` is the stage's `logical_positions` (the same for every group)."""
+    request, logical = positions
     slots = logical_slots(block_table, request, logical, group.block_size)
     query_lens, seq_lens = plan.rows[stage], plan.seq_lens[stage]
     common = CommonAttentionMetadata(
@@ -146,8 +152,10 @@ def stage_metadata(
             out.append(None)
             continue
         stage_md: StageMetadata = {}
+        positions = logical_positions(plan, device_plan, stage)
         for group in attention:
-            built = attention_metadata(group, block_tables[group.kv_cache_group_id], plan, device_plan, stage)
+            table = block_tables[group.kv_cache_group_id]
+            built = attention_metadata(group, table, positions, plan, device_plan, stage)
             stage_md.update(dict.fromkeys(group.layer_names, built))
         mamba_built: dict[int, object] = {}
         for name in mamba_names:

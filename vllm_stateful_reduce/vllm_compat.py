@@ -292,12 +292,18 @@ def install_runner_glue() -> None:
         initialize_metadata_builders(self, *args, **kwargs)
         model = self.get_model()
         if hasattr(model, "bind_attention_groups"):
-            model.bind_attention_groups([g for groups in self.attn_groups for g in groups])
-            warm_up_logprob_ranks(self.model_config.get_vocab_size(), self.device)
+            bind_to_runner(model, self.attn_groups, self.model_config.get_vocab_size(), self.device)
 
     mark_installed(_model_forward)
     GPUModelRunner._model_forward = _model_forward
     GPUModelRunner.initialize_metadata_builders = _initialize_metadata_builders
+
+
+def bind_to_runner(model, attn_groups: Sequence[Sequence], vocab_size: int, device: torch.device) -> None:
+    """Once per runner (V1 or MRv2), when its attention groups have builders: give the model
+    the groups (its per-stage builders are made now) and compile vLLM's log-prob op."""
+    model.bind_attention_groups([g for groups in attn_groups for g in groups])
+    warm_up_logprob_ranks(vocab_size, device)
 
 
 def warm_up_logprob_ranks(vocab_size: int, device: torch.device) -> None:
@@ -355,7 +361,7 @@ def model_state_cls() -> type:
 
         def prepare_attn(self, input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, *args, **kwargs):
             if not self.model.attention_groups_bound():
-                self.model.bind_attention_groups([g for groups in attn_groups for g in groups])
+                bind_to_runner(self.model, attn_groups, self.model_config.get_vocab_size(), self.device)
             rows = batch_rows(input_batch, self.prompts)
             self.model.set_batch(rows, block_tables if rows else [])
             return super().prepare_attn(
