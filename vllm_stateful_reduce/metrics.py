@@ -115,7 +115,7 @@ class ReductionMetrics:
             self._visual.inc(skip.num_visual)
             for counter in self._kept:
                 counter.inc(skip.num_visual)
-            self._unreduced.labels(*self.labels, skip.reason.split(":")[0]).inc()
+            self._unreduced.labels(*self.labels, skip.kind).inc()
 
     def record_work(self, seconds: Mapping[str, float]) -> None:
         """One forward's time per reduction phase."""

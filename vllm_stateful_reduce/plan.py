@@ -54,8 +54,13 @@ class Skip:
     """A fresh prefill with video served unreduced: why, and its visual tokens."""
 
     req_id: str
-    reason: str
+    reason: str  # a kind, optionally ": details" (e.g. "infeasible: ...")
     num_visual: int = 0
+
+    @property
+    def kind(self) -> str:
+        """The reason without its details: what logs rate-limit and metrics count by."""
+        return self.reason.split(":")[0]
 
 
 @dataclass(frozen=True)

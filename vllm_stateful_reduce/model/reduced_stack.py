@@ -111,9 +111,8 @@ class ReducibleNemotronHModel(NemotronHModel):
             self.state.record(req_id, dropped)
         self.metrics.record_plan(plan)
         for skip in plan.skipped:
-            reason = skip.reason.split(":")[0]
-            self.state.count_skip(reason)
-            held = self._unreduced_lines.passes(reason) if local_first_rank() else None
+            self.state.count_skip(skip.kind)
+            held = self._unreduced_lines.passes(skip.kind) if local_first_rank() else None
             if held is not None:
                 more = f" ({held} more for this reason since the last line)" if held else ""
                 logger.info("request %s served unreduced: %s%s", skip.req_id, skip.reason, more)
