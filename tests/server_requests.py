@@ -15,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from vllm_stateful_reduce.model.hf_config import IMG_CONTEXT
 from vllm_stateful_reduce.testing.launch import running_server
 
+from .helpers import video_part
+
 
 @contextmanager
 def server_with_metrics(
@@ -68,7 +70,7 @@ def request_body(chat: Chat) -> dict:
     """Arguments of `client.chat.completions.create` for `chat`."""
     content = [{"type": "text", "text": chat.question}]
     if chat.video is not None:
-        content.insert(0, {"type": "video_url", "video_url": {"url": chat.video}})
+        content.insert(0, video_part(chat.video))
     extra = {"ignore_eos": True, "return_tokens_as_token_ids": True}
     if chat.options is not None:
         extra["mm_processor_kwargs"] = {"stateful_reduce": chat.options}

@@ -15,13 +15,12 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_stateful_reduce.config import parse
-from vllm_stateful_reduce.model.hf_config import IMG_CONTEXT
 from vllm_stateful_reduce.schedule import build_schedule
 from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec
-from vllm_stateful_reduce.testing.launch import running_server
 from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
-from .helpers import random_video
+from .helpers import random_video, video_part
+from .server_requests import server_with_metrics, visual_tokens
 
 pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
@@ -46,12 +45,8 @@ def video_url(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     """A server in Prometheus multiprocess mode (a fresh directory), as metrics.py needs."""
-    logs = tmp_path_factory.mktemp("logs")
-    extra = ["--dtype", "float32", "--gpu-memory-utilization", "0.3", "--trust-request-mm-kwargs"]
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path_factory.mktemp("prometheus")))
-        with running_server(checkpoint, log_path=logs / "serve.log", extra=extra) as url:
-            yield url
+    with server_with_metrics(checkpoint, tmp_path_factory) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -77,29 +72,14 @@ def plugin_figures(server: str) -> dict[tuple, float]:
 def messages(video_url: str | None) -> list[dict]:
     content = [{"type": "text", "text": QUESTION}]
     if video_url is not None:
-        content.insert(0, {"type": "video_url", "video_url": {"url": video_url}})
+        content.insert(0, video_part(video_url))
     return [{"role": "user", "content": content}]
-
-
-def prompt_visual_tokens(server: str, model: str, video_url: str) -> int:
-    """Visual tokens of the request's prompt, from the server's own tokenization."""
-    r = requests.post(
-        server + "/tokenize",
-        json={"model": model, "messages": messages(video_url), "add_generation_prompt": True},
-        timeout=60,
-    )
-    r.raise_for_status()
-    context_id = requests.post(
-        server + "/tokenize", json={"model": model, "prompt": IMG_CONTEXT, "add_special_tokens": False}, timeout=10
-    ).json()["tokens"]
-    assert len(context_id) == 1
-    return r.json()["tokens"].count(context_id[0])
 
 
 def test_figures_match_the_requests(client, server, video_url) -> None:
     model = client.models.list().data[0].id
     pattern = CheckpointSpec().pattern
-    num_visual = prompt_visual_tokens(server, model, video_url)
+    num_visual = visual_tokens(server, model, video_url)
     assert num_visual >= 20 * 4  # 20 frames of (64/16)^2 / 4 tokens each, unless the loader samples more
     num_stages = len(build_schedule(pattern, parse({})).boundaries) + 1
 
