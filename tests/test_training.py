@@ -47,7 +47,7 @@ def test_forward_kept_matches_reduced_forward(model: ReferenceNanoVL, enc: Encod
     ids = torch.tensor([p + [enc.tokenizer.pad_token_id] * (length - len(p)) for p in prompts])
     visual = model.visual_and_query(prompts[0], len(prompts[0]))[0]
     with torch.no_grad():
-        embeds = torch.stack([model._embeds(row.tolist(), [px]) for row, px in zip(ids, pixels, strict=True)])
+        embeds = torch.stack([model.embeds(row.tolist(), [px]) for row, px in zip(ids, pixels, strict=True)])
         h, rows = model.forward_kept(embeds, [kept for _, kept in expected], config)
     worst = 0.0
     for row, (prompt, (logits, kept)) in enumerate(zip(prompts, expected, strict=True)):

@@ -107,9 +107,9 @@ class ReferenceNanoVL(nn.Module):
     @torch.no_grad()
     def logits(self, input_ids: list[int], pixel_values: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """(len(input_ids), vocab) logits; video i's features fill its `<image>` slots in order."""
-        return self.lm(inputs_embeds=self._embeds(input_ids, pixel_values)[None]).logits[0]
+        return self.lm(inputs_embeds=self.embeds(input_ids, pixel_values)[None]).logits[0]
 
-    def _embeds(self, input_ids: list[int], pixel_values: Sequence[torch.Tensor]) -> torch.Tensor:
+    def embeds(self, input_ids: list[int], pixel_values: Sequence[torch.Tensor]) -> torch.Tensor:
         ids = torch.tensor(input_ids)
         embeds = self.lm.get_input_embeddings()(ids)
         if pixel_values:
@@ -140,7 +140,7 @@ class ReferenceNanoVL(nn.Module):
         y = self.lm.model.layers[i](x, attention_mask=causal)
         return y if h.dim() == 3 else y[0]
 
-    def _attention_scores(self, block, h: torch.Tensor, q_rows: torch.Tensor, v_rows: torch.Tensor) -> torch.Tensor:
+    def attention_scores(self, block, h: torch.Tensor, q_rows: torch.Tensor, v_rows: torch.Tensor) -> torch.Tensor:
         """mean_{t in Q, heads} softmax_s(q_t . k_s / sqrt(d)), causal, at the visual columns."""
         attn, x = block.mixer, block.norm(h)
         d = attn.head_dim
@@ -151,7 +151,7 @@ class ReferenceNanoVL(nn.Module):
         probs = logits.masked_fill(future, float("-inf")).softmax(-1)
         return probs.mean(dim=(0, 1))[v_rows]
 
-    def _mamba_scores(self, block, h, q_rows, v_rows, use_dt: bool, decay: bool) -> torch.Tensor:
+    def mamba_scores(self, block, h, q_rows, v_rows, use_dt: bool, decay: bool) -> torch.Tensor:
         """mean_t sum_h |C_t . B_s| dt_s,h [exp(A_h (cumdt_t - cumdt_s))], B/C after conv1d+SiLU."""
         m, x = block.mixer, block.norm(h)
         proj = m.in_proj(x)
@@ -198,7 +198,7 @@ class ReferenceNanoVL(nn.Module):
         boundaries = boundary_blocks(pattern, config)
         reduce = config.enabled and len(visual) > 0 and len(query) > 0
         rows = torch.arange(len(input_ids))  # original position of each current row
-        h = self._embeds(input_ids, pixel_values)
+        h = self.embeds(input_ids, pixel_values)
         out_kept: list[torch.Tensor] = [visual]
         if reduce and config.evs_rate:  # EVS before the LLM: drop the most static tokens
             out_kept = [kept[0] if kept is not None else visual[self._evs_keep(h[visual], config.evs_rate)]]
@@ -217,9 +217,9 @@ class ReferenceNanoVL(nn.Module):
                 q_rows = torch.tensor([local[int(p)] for p in query])
                 v_rows = torch.tensor([local[int(p)] for p in out_kept[-1]])
                 s = (
-                    self._attention_scores(block, h, q_rows, v_rows)
+                    self.attention_scores(block, h, q_rows, v_rows)
                     if kind == "attention"
-                    else self._mamba_scores(block, h, q_rows, v_rows, config.mamba_dt, config.mamba_decay)
+                    else self.mamba_scores(block, h, q_rows, v_rows, config.mamba_dt, config.mamba_decay)
                 )
                 if config.score_norm == "sum":
                     scores = scores + s / s.sum()
