@@ -1,5 +1,6 @@
 """How a block's scores are put on the common scale before a stage sums them."""
 
+import pytest
 import torch
 
 from vllm_stateful_reduce.scoring import normalised
@@ -67,41 +68,46 @@ def test_attention_score_reference_is_the_formula() -> None:
             torch.testing.assert_close(out[r, j], want, atol=1e-7, rtol=1e-5)
 
 
-def test_mamba_b_at_visual_rows_is_the_scan_conv() -> None:
-    """B at the visual rows, both ways the scoring computes it (the whole-segment shifted
-    conv of the hot path, and the window conv of `_conv_channels_at`), equals silu(conv1d)
-    over each request's whole segment from a zero conv state (how vLLM's CPU conv runs a
-    fresh prefill), read at those rows; three requests packed with other rows between."""
+@pytest.mark.parametrize("decay", [False, True])
+def test_mamba_scores_read_the_scan_rows(monkeypatch: pytest.MonkeyPatch, decay: bool) -> None:
+    """The proxy from the B and C the scan consumed (prefill rows only, after 3 decode
+    rows) against the formula written out per question row and head: two requests,
+    padding, dt weights, with and without the decay."""
     import types
 
-    import torch.nn.functional as F
-
+    from vllm_stateful_reduce import scoring
     from vllm_stateful_reduce.kernels.torch_ops import Varlen
-    from vllm_stateful_reduce.scoring import _conv_channels_at, _segments_b
 
+    monkeypatch.setattr(scoring, "tp_all_reduce", lambda x: x)  # no TP group outside an engine; one rank
     g = torch.Generator().manual_seed(3)
-    inner, groups, n, heads, taps = 12, 2, 4, 3, 4
+    inner, groups, n, heads, decodes = 8, 2, 4, 4, 3
     conv = inner + 2 * groups * n
-    conv1d = types.SimpleNamespace(weight=torch.randn(conv, 1, taps, generator=g), bias=torch.randn(conv, generator=g))
     mixer = types.SimpleNamespace(
-        tped_intermediate_size=inner, groups_ssm_state_size=groups * n, tp_size=1, tped_conv_size=conv, n_groups=groups,
-        conv1d=conv1d,
+        tped_intermediate_size=inner, tped_conv_size=conv, n_groups=groups, tp_size=1,
+        dt_bias=torch.randn(heads, generator=g), A=-torch.rand(heads, generator=g),
     )  # fmt: skip
-    projected = torch.randn(60, 2 * inner + 2 * groups * n + heads, generator=g)
-    starts, lengths = [2, 20, 41], [15, 9, 19]
-    visual = torch.tensor([[2, 3, 4, 10, 16], [20, 22, 28, -1, -1], [41, 45, 50, 58, 59]])
-    first = torch.tensor(starts)[:, None].expand_as(visual)
-    window = _conv_channels_at(projected, mixer, "b", visual.clamp_min(0), first)  # (R, V, G, N)
-    segments = _segments_b(projected, mixer, Varlen.of(starts, lengths), visual)  # (R, V, G, N)
-    channels = slice(inner + conv - 2 * groups * n, inner + conv - groups * n)
+    projected = torch.randn(decodes + 40, inner + conv + heads, generator=g)
+    scan = scoring.MambaProjection(
+        projected, torch.randn(40, groups * n, generator=g), torch.randn(40, groups * n, generator=g), decodes
+    )
+    starts, lengths, nq = [decodes, decodes + 20], [20, 20], 3
+    query_rows = torch.tensor([s + size - nq + t for s, size in zip(starts, lengths, strict=True) for t in range(nq)])
+    visual = torch.tensor([[4, 6, 10, -1], [25, 26, 30, 31]])
+    out = scoring.mamba_block_scores(
+        scan, mixer, query_rows, Varlen.of([0, nq], [nq, nq]), Varlen.of(starts, lengths), visual, True, decay
+    )
+    dt = torch.nn.functional.softplus(projected[:, inner + conv :] + mixer.dt_bias)  # (rows, H)
+    b, c = (x.view(-1, groups, n) for x in (scan.b, scan.c))
     for r, (start, length) in enumerate(zip(starts, lengths, strict=True)):
-        segment = projected[start : start + length, channels].T[None]  # (1, C, L) of this request
-        weight, bias = (
-            mixer.conv1d.weight[conv - 2 * groups * n : conv - groups * n],
-            mixer.conv1d.bias[conv - 2 * groups * n : conv - groups * n],
-        )
-        scan = F.silu(F.conv1d(F.pad(segment, (taps - 1, 0)), weight, bias, groups=weight.shape[0]))[0].T  # (L, C)
-        valid = visual[r] >= 0
-        expected = scan[visual[r][valid] - start].view(-1, groups, n)
-        for b in (window, segments):
-            torch.testing.assert_close(b[r][valid], expected, atol=1e-6, rtol=1e-5)
+        cumulative = dt[start : start + length].cumsum(0)
+        for j, s_row in enumerate(visual[r].tolist()):
+            want = torch.tensor(0.0)
+            for t_row in query_rows[r * nq : (r + 1) * nq].tolist():
+                for h in range(heads):
+                    grp = h // (heads // groups)
+                    term = (c[t_row - decodes, grp] @ b[s_row - decodes, grp]).abs() * dt[s_row, h]
+                    if decay:
+                        since = cumulative[t_row - start, h] - cumulative[s_row - start, h]
+                        term = term * torch.exp(mixer.A[h] * since)
+                    want = want + term / nq
+            torch.testing.assert_close(out[r, j], want if s_row >= 0 else torch.tensor(0.0), atol=1e-6, rtol=1e-5)

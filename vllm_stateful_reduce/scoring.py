@@ -3,16 +3,16 @@
 Attention block: mean softmax attention of the query rows (text after the last
 visual token) over the request's keys, read at the visual columns. Mamba2 block:
 the implicit-attention proxy |C_t . B_s| (x dt_s), without the exp(A * sum dt)
-decay unless asked, with B and C recomputed from the block's in_proj output through
-its causal conv1d + SiLU exactly as the scan consumes them (only at the rows that
-are scored). Each block's scores over a request's visual tokens are put on one scale (z-scores by
-default) so attention and Mamba blocks add up.
+decay unless asked, with B and C after conv1d + SiLU as the block's scan consumed them
+(taken from its forward, not recomputed). Each block's scores over a request's visual
+tokens are put on one scale (z-scores by default) so attention and Mamba blocks add up.
 
 All reducing requests of a step are scored in one call per block (varlen, sizes from
 the plan), on the hidden states' device. With tensor parallelism each rank holds a
 slice of the heads / groups, so partial sums are all-reduced before anyone picks.
 """
 
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -63,8 +63,21 @@ def attention_block_scores(
     return tp_all_reduce(scores)
 
 
+@dataclass(frozen=True)
+class MambaProjection:
+    """What a Mamba2 block's proxy reads, taken from the block's own forward: the in_proj
+    output of every row (for dt), and B and C after conv1d + SiLU exactly as the scan
+    consumed them, for the step's prefill rows (row i of `b` / `c` is packed row
+    `first_row + i`: decode rows come first)."""
+
+    projected: torch.Tensor  # (rows, in_proj width)
+    b: torch.Tensor  # (prefill rows, G*N)
+    c: torch.Tensor  # (prefill rows, G*N)
+    first_row: int
+
+
 def mamba_block_scores(
-    projected: torch.Tensor,
+    scan: MambaProjection,
     mixer,
     query_rows: torch.Tensor,
     queries: Varlen,
@@ -73,118 +86,45 @@ def mamba_block_scores(
     use_dt: bool,
     decay: bool,
 ) -> torch.Tensor:
-    """(R, V) proxy scores of the visual rows from the question rows; `projected` is the
-    block's in_proj output of the stage's packed batch."""
+    """(R, V) proxy scores of the visual rows from the question rows."""
     if decay:
-        return tp_all_reduce(_decayed_scores(projected, mixer, query_rows, queries, keys, visual_rows, use_dt))
-    width, num_visual = visual_rows.shape
-    first_row = keys.device[0].long()  # (R,) first row of each request
-    b = _segments_b(projected, mixer, keys, visual_rows)  # (R, V, G, N)
-    c = _conv_channels_at(projected, mixer, "c", query_rows, _segment_of(first_row, queries))  # (T, G, N)
-    flat = b.flatten(0, 1)  # (R*V, G, N): scored rows packed request by request
-    rows = torch.arange(width * num_visual, device=b.device).view(width, num_visual).masked_fill(visual_rows < 0, -1)
+        return tp_all_reduce(_decayed_scores(scan, mixer, query_rows, queries, keys, visual_rows, use_dt))
+    groups = _groups(mixer)
+    b = scan.b.unflatten(-1, (groups, -1))  # (P, G, N): every prefill row, not copied
+    c = _scan_rows(scan.c, query_rows, scan.first_row, groups)  # (T, G, N)
+    rows = (visual_rows - scan.first_row).masked_fill(visual_rows < 0, -1)  # into b
     weight = None
     if use_dt:  # per group: the summed dt of its heads
-        dt = mamba_dt(projected, mixer, visual_rows.clamp_min(0).flatten())  # (R*V, H)
-        weight = dt.view(width * num_visual, b.shape[-2], -1).sum(-1)
-    return tp_all_reduce(kernels_for(projected).mamba_scores(c, flat, weight, queries, rows))
+        weight = mamba_dt(scan.projected[scan.first_row :], mixer).unflatten(-1, (groups, -1)).sum(-1)  # (P, G)
+    return tp_all_reduce(kernels_for(b).mamba_scores(c, b, weight, queries, rows))
 
 
-def mamba_bc_dt(projected: torch.Tensor, mixer, rows: torch.Tensor, first_row: torch.Tensor):
-    """B, C (..., G, N) after conv1d + SiLU and dt (..., H) after softplus at `rows` of
-    the packed in_proj output, each row's conv window starting at `first_row` (its
-    request's first row: a fresh prefill starts from a zero conv state)."""
-    b = _conv_channels_at(projected, mixer, "b", rows, first_row)
-    c = _conv_channels_at(projected, mixer, "c", rows, first_row)
-    return b, c, mamba_dt(projected, mixer, rows.flatten()).view(*rows.shape, -1)
-
-
-def mamba_dt(projected: torch.Tensor, mixer, rows: torch.Tensor) -> torch.Tensor:
-    """(rows, H) float32 step sizes softplus(dt + dt_bias) at `rows`."""
+def mamba_dt(projected: torch.Tensor, mixer) -> torch.Tensor:
+    """(rows, H) float32 step sizes softplus(dt + dt_bias) of in_proj output rows."""
     inner, conv = mixer.tped_intermediate_size, mixer.tped_conv_size
-    return F.softplus(projected[:, inner + conv :].index_select(0, rows).float() + mixer.dt_bias.float())
+    return F.softplus(projected[:, inner + conv :].float() + mixer.dt_bias.float())
 
 
-def _conv_inputs(projected: torch.Tensor, mixer, which: str):
-    """(x (L, C), weight (C, W), bias (C,) or None) of the B or C channels of the conv."""
-    inner, conv, groups_n = (
-        mixer.tped_intermediate_size,
-        mixer.tped_conv_size,
-        mixer.groups_ssm_state_size // mixer.tp_size,
-    )
-    channels = slice(conv - 2 * groups_n, conv - groups_n) if which == "b" else slice(conv - groups_n, conv)
-    bias = mixer.conv1d.bias[channels] if mixer.conv1d.bias is not None else None
-    return projected[:, inner : inner + conv][:, channels], mixer.conv1d.weight.reshape(conv, -1)[channels], bias
+def _scan_rows(x: torch.Tensor, rows: torch.Tensor, first_row: int, groups: int) -> torch.Tensor:
+    """(..., G, N) float32 rows of B or C at packed `rows` (padding, -1, reads a real row)."""
+    return x.index_select(0, (rows - first_row).clamp_min(0).flatten()).float().view(*rows.shape, groups, -1)
 
 
 def _groups(mixer) -> int:
     return mixer.n_groups // mixer.tp_size  # the model refuses TP sizes that do not divide n_groups
 
 
-def _conv_channels_at(
-    projected: torch.Tensor, mixer, which: str, rows: torch.Tensor, first_row: torch.Tensor
-) -> torch.Tensor:
-    """B or C (..., G, N) at `rows`, window by window (cheap for a few rows, such as the
-    question rows; `_segments_b` serves the many visual rows)."""
-    x, weight, bias = _conv_inputs(projected, mixer, which)
-    return _causal_conv_silu_at(x, weight, bias, rows, first_row).view(*rows.shape, _groups(mixer), -1)
-
-
-def _segments_b(projected: torch.Tensor, mixer, keys: Varlen, visual_rows: torch.Tensor) -> torch.Tensor:
-    """B (R, V, G, N) at the visual rows, by the conv over each request's whole segment:
-    segments are copied apart with W-1 zero rows before each (a fresh prefill's conv
-    state), then the W taps are W shifted multiply-adds over contiguous rows."""
-    x, weight, bias = _conv_inputs(projected, mixer, "b")
-    taps, (width, num_visual) = weight.shape[-1], visual_rows.shape
-    gap, total, device = taps - 1, sum(keys.lengths), x.device
-    starts, lengths = keys.device[0].long(), keys.device[1].long()
-    request = torch.repeat_interleave(torch.arange(width, device=device), lengths, output_size=total)
-    first = torch.cumsum(lengths, 0) - lengths  # packed offset of each segment
-    padded_first = first + gap * torch.arange(1, width + 1, device=device)  # after its zero rows
-    within = torch.arange(total, device=device) - first[request]
-    padded = x.new_zeros((total + gap * width, x.shape[-1]), dtype=torch.float32)
-    padded[padded_first[request] + within] = x.index_select(0, starts[request] + within).float()
-    w = weight.float()
-    out = padded[: total + gap * (width - 1)] * w[:, 0]  # out[i] is the conv at padded row i + gap
-    for k in range(1, taps):
-        out.addcmul_(padded[k : k + len(out)], w[:, k])
-    at = (visual_rows - starts[:, None] + padded_first[:, None] - gap).clamp_min(0)
-    return _silu_with_bias(out.index_select(0, at.flatten()), bias).view(width, num_visual, _groups(mixer), -1)
-
-
-def _causal_conv_silu_at(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor, first_row: torch.Tensor
-) -> torch.Tensor:
-    """silu(sum_k weight[:, k] * x[row - (W-1-k)] + bias) at each of `rows`, taps before
-    `first_row` reading zeros: the depthwise causal conv1d of the scan, row by row.
-    x: (L, C); weight: (C, W); rows, first_row: same shape (...); returns (..., C) float32.
-    One gather of each row's window, one masked multiply-add (memory-bound: few passes)."""
-    taps = weight.shape[-1]
-    source = rows[..., None] - torch.arange(taps - 1, -1, -1, device=rows.device)  # (..., W)
-    window = x.index_select(0, source.clamp_min(0).flatten()).view(*source.shape, x.shape[-1])  # (..., W, C)
-    window = window.masked_fill((source < first_row[..., None])[..., None], 0)
-    return _silu_with_bias((window * weight.float().T).sum(-2), bias)  # (..., C) float32
-
-
-def _silu_with_bias(conv_out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.silu(conv_out + bias.float() if bias is not None else conv_out)
-
-
-def _segment_of(first_row: torch.Tensor, queries: Varlen) -> torch.Tensor:
-    """(T,) each question row's request's first row."""
-    return torch.repeat_interleave(first_row, queries.device[1].long(), output_size=sum(queries.lengths))
-
-
 def _decayed_scores(
-    projected, mixer, query_rows, queries: Varlen, keys: Varlen, visual_rows, use_dt: bool
+    scan: MambaProjection, mixer, query_rows, queries: Varlen, keys: Varlen, visual_rows, use_dt: bool
 ) -> torch.Tensor:
     """The ablation the paper argues against: |C_t.B_s| dt_s exp(A_h (cs_t - cs_s)) summed
     over heads, cs = cumsum(dt) over the request's rows. Torch only, one request at a time."""
-    out = torch.zeros(visual_rows.shape, dtype=torch.float32, device=projected.device)
+    out = torch.zeros(visual_rows.shape, dtype=torch.float32, device=scan.b.device)
     a = mixer.A.float()
     for r, (k0, nk, q0, nq) in enumerate(zip(keys.starts, keys.lengths, queries.starts, queries.lengths, strict=True)):
-        rows = torch.arange(k0, k0 + nk, device=projected.device)
-        b, c, dt = mamba_bc_dt(projected, mixer, rows, torch.full_like(rows, k0))
+        rows = torch.arange(k0, k0 + nk, device=scan.b.device)
+        b, c = (_scan_rows(x, rows, scan.first_row, _groups(mixer)) for x in (scan.b, scan.c))
+        dt = mamba_dt(scan.projected[k0 : k0 + nk], mixer)
         q_local = query_rows[q0 : q0 + nq] - k0
         valid = visual_rows[r] >= 0
         v_local = (visual_rows[r] - k0).clamp_min(0)

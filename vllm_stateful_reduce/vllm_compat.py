@@ -21,6 +21,8 @@ from .model.hf_config import MODEL_TYPE, NemotronNanoVLConfig
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
+    from .scoring import MambaProjection
+
 
 def register_hf_config() -> None:
     """Parse Nano VL v2 configs locally, so neither network nor remote code is needed."""
@@ -450,10 +452,19 @@ def attention_forward_with_qkv(mixer, hidden_states: torch.Tensor) -> tuple[torc
     return output, qkv
 
 
-def mamba_forward_with_projection(mixer, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mamba_forward_with_projection(mixer, hidden_states: torch.Tensor) -> tuple[torch.Tensor, "MambaProjection"]:
     """`MambaMixer2.forward` (vLLM 0.32, no muP vector as NemotronH calls it), also
-    returning the in_proj output that B, C and dt of the Mamba proxy are read from."""
+    returning what the Mamba proxy reads: the in_proj output, and the prefill rows' B and
+    C after conv1d + SiLU, taken where the scan receives them instead of recomputed.
+
+    `conv_ssm_forward` splits the conv output with the per-instance function
+    `split_hidden_states_B_C_fn`, first for the prefill rows, then for the decode rows
+    (vLLM 0.32; the same call in 0.33): for this one call it is wrapped to keep the
+    parts."""
+    from vllm.forward_context import get_forward_context
     from vllm.utils.torch_utils import _encode_layer_name
+
+    from .scoring import MambaProjection
 
     projected, _ = mixer.in_proj(hidden_states)
     ssm_output = torch.empty(
@@ -461,10 +472,24 @@ def mamba_forward_with_projection(mixer, hidden_states: torch.Tensor) -> tuple[t
         dtype=hidden_states.dtype,
         device=hidden_states.device,
     )
-    torch.ops.vllm.mamba_mixer2(projected, ssm_output, _encode_layer_name(mixer.prefix))
+    split, parts = mixer.split_hidden_states_B_C_fn, []
+
+    def split_and_keep(hidden_states_b_c: torch.Tensor):
+        parts.append(split(hidden_states_b_c))
+        return parts[-1]
+
+    mixer.split_hidden_states_B_C_fn = split_and_keep
+    try:
+        torch.ops.vllm.mamba_mixer2(projected, ssm_output, _encode_layer_name(mixer.prefix))
+    finally:
+        mixer.split_hidden_states_B_C_fn = split
+    metadata = get_forward_context().attn_metadata[mixer.prefix]
+    if metadata.num_prefills == 0 or len(parts[0][1]) != metadata.num_prefill_tokens:
+        raise RuntimeError(f"{mixer.prefix}: the scan's B and C of the prefill rows were not where vLLM 0.32 has them")
+    _, b, c = parts[0]
     gate = projected[..., : mixer.tped_intermediate_size]
     output, _ = mixer.out_proj(mixer.norm(ssm_output, gate))
-    return output, projected
+    return output, MambaProjection(projected, b, c, metadata.num_decode_tokens)
 
 
 # ------------------------------------------------------------- model-side private helpers

@@ -9,6 +9,7 @@ when the step is planned, so neither implementation reads the device to find out
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,18 @@ def attention_scores(
     for r, (q0, nq, k0, nk) in enumerate(zip(queries.starts, queries.lengths, keys.starts, keys.lengths, strict=True)):
         if nq == 0:
             continue
-        # 1. logits per KV head for its group of query heads: (Hk, T*group, L_r)
-        qr = q[q0 : q0 + nq].float().view(nq, hk, group, d).transpose(0, 1).reshape(hk, nq * group, d)
-        kr = k[k0 : k0 + nk].float().permute(1, 2, 0)  # (Hk, d, L_r)
-        logits = torch.bmm(qr, kr) * scale
-        # 2. causal: query t sees keys 0..L_r - T + t, so only the last T columns can be hidden
+        # causal: query t sees keys 0..L_r - T + t, so only the last T columns can be hidden
         t = torch.arange(nq, device=q.device).repeat_interleave(group)  # query of each row
         hidden = torch.arange(nq, device=q.device)[None, :] > t[:, None]  # (T*group, T)
-        logits[..., nk - nq :].masked_fill_(hidden, float("-inf"))
-        # 3. softmax over keys, summed over query rows and heads
-        per_key = torch.softmax(logits, dim=-1).sum(dim=(0, 1)) / (nq * hq)  # (L_r,)
+        # scale folded into the few query rows; keys contiguous per KV head
+        qr = (q[q0 : q0 + nq].float() * scale).view(nq, hk, group, d).transpose(0, 1).reshape(hk, nq * group, d)
+        kr = k[k0 : k0 + nk].float().transpose(0, 1).contiguous()  # (Hk, L_r, d)
+        per_key = torch.zeros(nk, dtype=torch.float32, device=q.device)
+        for h in range(hk):  # one KV head at a time: (T*group, L_r) logits stay small
+            logits = F.linear(qr[h], kr[h])
+            logits[:, nk - nq :].masked_fill_(hidden, float("-inf"))
+            per_key += torch.softmax(logits, dim=-1).sum(0)
+        per_key /= nq * hq
         cols = v_rows[r]
         valid = cols >= 0
         out[r] = torch.where(valid, per_key[(cols - k0).clamp(0, nk - 1)], 0.0)
@@ -89,8 +92,10 @@ def mamba_scores(
         cols = v_rows[r]
         valid = cols >= 0
         rows = cols.clamp_min(0)
-        cb = torch.einsum("tgn,sgn->tsg", c[q0 : q0 + nq].float(), b[rows].float()).abs()
-        if weight is not None:
-            cb = cb * weight[rows].float()[None]
-        out[r] = torch.where(valid, cb.sum(dim=(0, 2)) / nq, 0.0)
+        c_r, b_r = c[q0 : q0 + nq].float(), b[rows].float()
+        per_row = torch.zeros(len(rows), dtype=torch.float32, device=c.device)
+        for g in range(c.shape[1]):  # one group at a time: (V, T) products
+            summed = F.linear(b_r[:, g], c_r[:, g]).abs_().sum(1)
+            per_row += summed * weight[rows, g].float() if weight is not None else summed
+        out[r] = torch.where(valid, per_row / nq, 0.0)
     return out

@@ -2,8 +2,9 @@
 
 Given to vLLM's `NemotronHModel` through its `decoder_layer_types` mapping: their
 `forward` is vLLM's own (the plain stack calls it); the reduced stack calls
-`forward_scored` on the blocks that score, which returns the same outputs plus the
-qkv (attention) or in_proj (Mamba2) projection of every row of the batch.
+`forward_scored` on the blocks that score, which returns the same outputs plus what
+their scores are read from: the qkv projection of every row of the batch (attention),
+or the in_proj output and the scan's B and C (Mamba2, `scoring.MambaProjection`).
 """
 
 import torch
@@ -32,7 +33,7 @@ class ScoredAttentionDecoderLayer(NemotronHAttentionDecoderLayer):
 
 class ScoredMambaDecoderLayer(NemotronHMambaDecoderLayer):
     def forward_scored(self, hidden_states: torch.Tensor, residual: torch.Tensor | None):
-        """(output, residual, in_proj output)."""
+        """(output, residual, MambaProjection)."""
         hidden_states, residual = _pre_norm(self.norm, hidden_states, residual)
         output, projected = mamba_forward_with_projection(self.mixer, hidden_states)
         return output, residual, projected

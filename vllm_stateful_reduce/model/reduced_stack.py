@@ -151,9 +151,9 @@ class ReducibleNemotronHModel(NemotronHModel):
         stage = 0
         for b, layer in enumerate(self.layers):
             if kept is not None and config is not None and stage in scored_stages and self._scores_block(b, config):
-                hidden, residual, projected = layer.forward_scored(hidden, residual)
+                hidden, residual, projection = layer.forward_scored(hidden, residual)
                 with timer.phase("scoring"):
-                    kept = kept.with_scores(self._block_scores(layer, projected, device_plan, stage, kept, config))
+                    kept = kept.with_scores(self._block_scores(layer, projection, device_plan, stage, kept, config))
             else:
                 hidden, residual = layer(positions=positions, hidden_states=hidden, residual=residual)
             if stage < len(self.boundaries) and b == self.boundaries[stage]:
@@ -212,12 +212,12 @@ class ReducibleNemotronHModel(NemotronHModel):
             carried = stage in needed and not self._stage_scores(stage, config)
         return needed
 
-    def _block_scores(self, layer, projected, device_plan: DevicePlan, stage: int, kept: Kept, config: ReductionConfig):
+    def _block_scores(self, layer, read, device_plan: DevicePlan, stage: int, kept: Kept, config: ReductionConfig):
         args = (device_plan.query_rows[stage], device_plan.queries, device_plan.keys[stage], kept.rows)
         if isinstance(layer, NemotronHAttentionDecoderLayer):
-            scores = scoring.attention_block_scores(projected, layer.mixer, *args)
+            scores = scoring.attention_block_scores(read, layer.mixer, *args)
         else:
-            scores = scoring.mamba_block_scores(projected, layer.mixer, *args, config.mamba_dt, config.mamba_decay)
+            scores = scoring.mamba_block_scores(read, layer.mixer, *args, config.mamba_dt, config.mamba_decay)
         return scoring.normalised(scores, kept.valid, config.score_norm)
 
     def _select(
