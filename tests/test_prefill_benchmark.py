@@ -204,6 +204,7 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
         "visual_tokens",
         "theoretical_ratio_at_25",
         "efficiency_at_25",
+        "efficiency_at_25_forward",
         "overhead_fraction",
         "evs_ours_speedup",
         "decode_ratio",
@@ -216,5 +217,9 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     assert s["speedup_at_25"] > 1.3 and s["evs_ours_speedup"] > s["speedup_at_25"], s
     assert 2.5 < s["theoretical_ratio_at_25"] < 4.5 and 0.2 < s["efficiency_at_25"] < 1.5, s
     assert 0.0 < s["overhead_fraction"] < 0.5 and 0.3 < s["decode_ratio"] < 3.0 and -0.5 < s["plugin_tax"] < 0.5, s
+    at = s["by_length"]["1024"]
+    assert at["overhead_fraction"] == s["overhead_fraction"] and at["efficiency"] == s["efficiency_at_25"], at
+    # the fixed-time model lies between the LM's FLOP ratio and 1, so against it TTFT looks more efficient
+    assert at["efficiency_ttft_model"] > at["efficiency"], at
     assert report["batch"]["all_prefilled_in_one_step"], report["batch"]
     assert "off" in run.stdout and "plugin tax" in run.stdout  # the terminal table
