@@ -123,6 +123,7 @@ def make_example(
     rng = np.random.default_rng(seed)
     kind = kind or preset.kinds[seed % len(preset.kinds)]
     every = [(c, s) for c in COLOURS for s in SHAPES]
+    fixed: dict[int, Object]  # frames set for the answer; the rest hold distractors or nothing
     named = None  # frames whose objects the answer is read from, when not every fixed one
     if kind == "count":
         n = int(rng.integers(0, 5))
@@ -173,7 +174,7 @@ def make_example(
         raise ValueError(f"unknown task kind {kind!r}; one of {KINDS + LONG_KINDS[2:]}")
     frames, cells = _draw(objects, size, rng)
     per_frame = (size // CELL) ** 2
-    targets = tuple(sorted(t * per_frame + cells[t] for t in (named or fixed) if objects[t] is not None))
+    targets = tuple(sorted(t * per_frame + c for t in (named or fixed) if (c := cells[t]) is not None))
     return Example(seed, kind, frames, question, answer, choices, targets)
 
 
