@@ -5,7 +5,18 @@
     python scripts/train_video_qa.py --init artifacts/base --out artifacts/video-qa-model --budgets 1,0.25 \
         --codec-share 0.5 --steps 600 --warmup 30 --lr 5e-4 --eval-every 50 --threads 1
 
-(the two steps that made the committed `models/video-qa-small`).
+(the two steps that made the committed `models/video-qa-small`), and for the long task family
+(64 frames of 128 px), from that model, ~39 min:
+
+    python scripts/train_video_qa.py --task long --init models/video-qa-small --out artifacts/long-base \
+        --frames 8,16,24 --steps 600 --lr 1e-3 --warmup 50 --eval-every 100 --eval-examples 16 --threads 1
+    python scripts/train_video_qa.py --task long --init artifacts/long-base --out artifacts/video-qa-long \
+        --budgets 1,0.25 --codec-share 0.5 --frames 32,64 --steps 120 --batch 8 --lr 5e-4 --warmup 20 \
+        --eval-every 30 --eval-examples 12 --threads 1
+
+(`models/video-qa-long`). An `--init` checkpoint for smaller frames gets its ViT position grid
+resized first (`checkpoint.resize_frames`); `--frames` trains on shorter videos first, as they
+are much cheaper (a step on 64 frames costs ~5x one on 16).
 
 Starts from a random checkpoint built by `vllm_stateful_reduce.testing.checkpoint` (or `--init`), trains
 the whole model (RADIO-style ViT, projector, NemotronH) through the plain PyTorch
