@@ -1,8 +1,10 @@
 """Long-video QA accuracy under token reduction, through vLLM with the plugin.
 
-    python benchmarks/video_qa.py [--model models/video-qa-small] --json out.json --png out.png [--quick]
+    python benchmarks/video_qa.py [--task long] [--model DIR] --json out.json --png out.png [--quick]
 
-Runs the held-out split of `vllm_stateful_reduce.testing.tasks` with offline `LLM.generate`
+Runs the held-out split of a `vllm_stateful_reduce.testing.tasks` family (`--task`: short,
+8 frames of 64 px, on models/video-qa-small; long, 64 frames of 128 px, on
+models/video-qa-long) with offline `LLM.generate`
 for each method and budget and reports exact-match accuracy:
 
   full                  all visual tokens
@@ -33,6 +35,8 @@ from pathlib import Path
 os.environ.setdefault("VLLM_PLUGINS", "stateful_reduce")
 
 BUDGETS = [0.5, 0.35, 0.25, 0.15]
+MODELS = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL = {"short": MODELS / "video-qa-small", "long": MODELS / "video-qa-long"}
 QUICK_METHODS = ["fastv", "random", "ours_attention_only"]  # besides ours (which also hosts full and evs)
 
 
@@ -61,12 +65,20 @@ def evs_then_ours(budget: float) -> dict:
     return {"evs_rate": 0.5, "budget": min(1.0, 2.0 * budget)}
 
 
+def engine_length(model: Path, examples: list) -> int:
+    """max_model_len for the task's prompts: the longest one plus room for the answer, in
+    512-token steps, at least 2,048 (the short family's setting; the long family's is 2,048 too)."""
+    from vllm_stateful_reduce.testing.encoding import Encoder
+
+    encoder = Encoder(model)
+    return max(2048, 512 * math.ceil((max(len(encoder.prompt_ids(e)) for e in examples) + 16) / 512))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model", type=Path, default=Path(__file__).resolve().parent.parent / "models" / "video-qa-small"
-    )
-    parser.add_argument("--examples", type=int, default=400, help="held-out examples (all four task kinds)")
+    parser.add_argument("--task", choices=sorted(DEFAULT_MODEL), default="short", help="task family")
+    parser.add_argument("--model", type=Path, help="checkpoint (default: the task's committed model)")
+    parser.add_argument("--examples", type=int, default=400, help="held-out examples (the family's kinds in turn)")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -84,18 +96,26 @@ def main() -> None:
     from vllm_stateful_reduce.media import video_metadata
     from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
     from vllm_stateful_reduce.schedule import build_schedule
-    from vllm_stateful_reduce.testing.tasks import TEST_SEEDS, chance_accuracy, make_example
+    from vllm_stateful_reduce.testing.tasks import FAMILIES, TEST_SEEDS, chance_accuracy, make_example
     from vllm_stateful_reduce.testing.tokenizer import chat_prompt
 
     n = 80 if args.quick else args.examples
     budgets = [0.25] if args.quick else BUDGETS
-    pattern = NemotronNanoVLConfig.from_pretrained(args.model).text_config.hybrid_override_pattern
+    args.model = args.model or DEFAULT_MODEL[args.task]
+    model_config = NemotronNanoVLConfig.from_pretrained(args.model)
+    if model_config.force_image_size != FAMILIES[args.task].size:
+        parser.error(
+            f"--model {args.model} reads {model_config.force_image_size} px frames; "
+            f"--task {args.task} has {FAMILIES[args.task].size} px frames"
+        )
+    pattern = model_config.text_config.hybrid_override_pattern
     configs = method_configs(pattern)
     chosen = args.methods.split(",") if args.methods else QUICK_METHODS if args.quick else list(configs)
     if unknown := set(chosen) - set(configs):
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted(configs)}")
     configs = {k: configs[k] for k in configs if k == "ours" or k in chosen}
-    examples = [make_example(s) for s in TEST_SEEDS[:n]]
+    examples = [make_example(s, family=args.task) for s in TEST_SEEDS[:n]]
+    length = engine_length(args.model, examples)
     prompts = [
         {
             "prompt": chat_prompt(e.question),
@@ -127,8 +147,8 @@ def main() -> None:
         print(f"[{i + 1}/{len(configs)}] {method}: starting an engine ({time.monotonic() - started:.0f} s)", flush=True)
         llm = LLM(
             str(args.model),
-            max_model_len=2048,
-            max_num_batched_tokens=2048,
+            max_model_len=length,
+            max_num_batched_tokens=length,
             gpu_memory_utilization=0.3,
             limit_mm_per_prompt={"video": 1},
             additional_config={"stateful_reduce": config | {"budget": 1.0}},
@@ -164,8 +184,10 @@ def main() -> None:
         "full_accuracy": at("full", "1.0"),
         "ours_25_accuracy": at("ours"),
         "fastv_25_accuracy": at("fastv"),
+        "pyramid_25_accuracy": at("pyramid"),
         "random_25_accuracy": at("random"),
         "evs_25_accuracy": at("evs"),
+        "evs_ours_25_accuracy": at("evs_ours"),
         "ours_attention_only_25_accuracy": at("ours_attention_only"),
         "chance_accuracy": chance_accuracy(examples),
         # ours at 25% minus each other method, on the same examples: (mean, standard error)
@@ -174,8 +196,10 @@ def main() -> None:
             for other, b in (
                 ("full", "1.0"),
                 ("fastv", "0.25"),
+                ("pyramid", "0.25"),
                 ("random", "0.25"),
                 ("evs", "0.25"),
+                ("evs_ours", "0.25"),
                 ("ours_decay", "0.25"),
             )
             if results.get(other, {}).get(b, {}).get("hits")
@@ -183,6 +207,7 @@ def main() -> None:
     }
     report = {
         "model": str(args.model),
+        "task": args.task,
         "examples": n,
         "budgets": budgets,
         "pattern": pattern,
@@ -235,7 +260,7 @@ def plot(report: dict, path: Path) -> None:
     ax.axhline(report["summary"]["chance_accuracy"], color="grey", ls=":", label="chance")
     ax.set_xlabel("visual-token budget (depth-averaged fraction)")
     ax.set_ylabel("exact-match accuracy")
-    ax.set_title(f"video QA, {report['examples']} held-out examples")
+    ax.set_title(f"video QA ({report['task']} task), {report['examples']} held-out examples")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

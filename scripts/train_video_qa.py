@@ -5,7 +5,18 @@
     python scripts/train_video_qa.py --init artifacts/base --out artifacts/video-qa-model --budgets 1,0.25 \
         --codec-share 0.5 --steps 600 --warmup 30 --lr 5e-4 --eval-every 50 --threads 1
 
-(the two steps that made the committed `models/video-qa-small`).
+(the two steps that made the committed `models/video-qa-small`), and for the long task family
+(64 frames of 128 px), from that model, ~39 min:
+
+    python scripts/train_video_qa.py --task long --init models/video-qa-small --out artifacts/long-base \
+        --frames 8,16,24 --steps 600 --lr 1e-3 --warmup 50 --eval-every 100 --eval-examples 16 --threads 1
+    python scripts/train_video_qa.py --task long --init artifacts/long-base --out artifacts/video-qa-long \
+        --budgets 1,0.25 --codec-share 0.5 --frames 32,64 --steps 120 --batch 8 --lr 5e-4 --warmup 20 \
+        --eval-every 30 --eval-examples 12 --threads 1
+
+(`models/video-qa-long`). An `--init` checkpoint for smaller frames gets its ViT position grid
+resized first (`checkpoint.resize_frames`); `--frames` trains on shorter videos first, as they
+are much cheaper (a step on 64 frames costs ~5x one on 16).
 
 Starts from a random checkpoint built by `vllm_stateful_reduce.testing.checkpoint` (or `--init`), trains
 the whole model (RADIO-style ViT, projector, NemotronH) through the plain PyTorch
@@ -36,10 +47,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vllm_stateful_reduce.config import ReductionConfig
-from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec, build_checkpoint
+from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec, build_checkpoint, resize_frames
 from vllm_stateful_reduce.testing.encoding import Encoder
 from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
-from vllm_stateful_reduce.testing.tasks import KINDS, TEST_SEEDS, TRAIN_SEEDS, Example, make_example
+from vllm_stateful_reduce.testing.tasks import FAMILIES, TEST_SEEDS, TRAIN_SEEDS, Example, make_example
 from vllm_stateful_reduce.testing.video_files import codec_roundtrip
 
 
@@ -75,11 +86,11 @@ def batch_logits(
 
 
 @torch.no_grad()
-def match_visual_scale(model: ReferenceNanoVL, enc: Encoder) -> None:
+def match_visual_scale(model: ReferenceNanoVL, enc: Encoder, family: str) -> None:
     """Scale the projector's output layer so visual embeddings start at the text
     embeddings' norm. At random init they are ~100x larger, and a residual stream that
     large barely takes in what later blocks add (e.g. which frame a token is in)."""
-    visual = model.vision_embeddings(torch.cat([enc.pixels(make_example(s)) for s in range(8)]))
+    visual = model.vision_embeddings(torch.cat([enc.pixels(make_example(s, family=family)) for s in range(8)]))
     text = model.lm.get_input_embeddings().weight
     model.mlp1["3.weight"].mul_(text.norm(dim=-1).mean() / visual.norm(dim=-1).mean())
 
@@ -94,19 +105,50 @@ def answered(
 
 
 def accuracy(
-    model: ReferenceNanoVL, enc: Encoder, seeds: range, per_kind: int, reduction: ReductionConfig | None = None
+    model: ReferenceNanoVL,
+    enc: Encoder,
+    seeds: range,
+    per_kind: int,
+    reduction: ReductionConfig | None = None,
+    family: str = "short",
 ) -> dict[str, float]:
+    kinds = FAMILIES[family].kinds
     out = {}
-    for kind in KINDS:
-        examples = [make_example(s, kind=kind) for s in seeds[:per_kind]]
+    for kind in kinds:
+        examples = [make_example(s, kind=kind, family=family) for s in seeds[:per_kind]]
         out[kind] = answered(model, enc, examples, reduction).float().mean().item()
-    out["mean"] = sum(out[k] for k in KINDS) / len(KINDS)
+    out["mean"] = sum(out[k] for k in kinds) / len(kinds)
     return out
+
+
+def frames_at(step: int, steps: int, curriculum: list[int]) -> int:
+    """Frames per video at `step`: from curriculum[0] to curriculum[-1] in equal stages
+    (short videos are cheap, so most steps see more examples early on)."""
+    return curriculum[min(step * len(curriculum) // steps, len(curriculum) - 1)]
+
+
+def starting_checkpoint(args: argparse.Namespace) -> Path:
+    """`--init` (its ViT position grid resized when the task's frames are larger), or a
+    random checkpoint for the task's frame size."""
+    size = FAMILIES[args.task].size
+    if not args.init:
+        spec = CheckpointSpec(seed=args.seed, image_size=size)
+        return build_checkpoint(Path(tempfile.mkdtemp(prefix="vsr-train-")), spec)
+    if json.loads((args.init / "config.json").read_text())["force_image_size"] == size:
+        return args.init
+    return resize_frames(args.init, size, Path(tempfile.mkdtemp(prefix="vsr-resized-")))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("artifacts/video-qa-model"))
+    parser.add_argument("--task", choices=sorted(FAMILIES), default="short", help="task family (tasks.FAMILIES)")
+    parser.add_argument(
+        "--frames",
+        type=lambda v: [int(f) for f in v.split(",")],
+        help="frames per training video, as stages of equal length, e.g. 16,32,64 (default: the task's); "
+        "held-out accuracy always uses the task's frames",
+    )
     parser.add_argument("--steps", type=int, default=1800, help="optimizer steps (~20 min on one core)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -143,14 +185,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
-    start_ckpt = args.init or build_checkpoint(
-        Path(tempfile.mkdtemp(prefix="vsr-train-")), CheckpointSpec(seed=args.seed)
-    )
+    start_ckpt = starting_checkpoint(args)
     model = ReferenceNanoVL(start_ckpt)
     model.train()
     enc = Encoder(start_ckpt)
     if not args.init:
-        match_visual_scale(model, enc)
+        match_visual_scale(model, enc, args.task)
+    curriculum = args.frames or [FAMILIES[args.task].num_frames]
     reduction = lambda budget: ReductionConfig(**{"min_keep": 1} | args.reduction | {"budget": budget})  # noqa: E731
     reductions = [None if b == 1.0 else reduction(b) for b in args.budgets]
     watch = {"full": None} | ({"25%": reduction(0.25)} if any(reductions) else {})
@@ -165,8 +206,9 @@ def main() -> None:
             group["lr"] = args.lr * scale
         # the kinds mixed in every batch; clutter from none to the test split's, so easy
         # videos (no distractors) teach reading colour and shape, cluttered ones selection
+        frames = frames_at(step, args.steps, curriculum)
         examples = [
-            make_example(seed + i, clutter=clutter)
+            make_example(seed + i, num_frames=frames, clutter=clutter, family=args.task)
             for i, clutter in enumerate(torch.rand(args.batch).mul(0.6).tolist())
         ]
         examples = [
@@ -185,18 +227,21 @@ def main() -> None:
         step += 1
         if step % args.eval_every == 0:
             model.eval()
-            acc = {name: accuracy(model, enc, held_out, args.eval_examples, r) for name, r in watch.items()}
+            acc = {name: accuracy(model, enc, held_out, args.eval_examples, r, args.task) for name, r in watch.items()}
             model.train()
             history.append(
-                {"step": step, "loss": loss.item(), **acc["full"]}
+                {"step": step, "frames": frames, "loss": loss.item(), **acc["full"]}
                 | {f"{name} {k}": v for name, a in acc.items() if name != "full" for k, v in a.items()}
             )
             left = (time.monotonic() - began) / step * (args.steps - step) / 60
             shown = "  ".join(f"{name}: " + " ".join(f"{k} {v:.2f}" for k, v in a.items()) for name, a in acc.items())
-            print(f"step {step:5d}  loss {loss.item():.3f}  held-out acc {shown}  ({left:.1f} min left)", flush=True)
+            print(
+                f"step {step:5d}  frames {frames}  loss {loss.item():.3f}  held-out acc {shown}  ({left:.1f} min left)",
+                flush=True,
+            )
 
     model.eval()
-    final = {name: accuracy(model, enc, held_out, 2 * args.eval_examples, r) for name, r in watch.items()}
+    final = {name: accuracy(model, enc, held_out, 2 * args.eval_examples, r, args.task) for name, r in watch.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     for f in start_ckpt.iterdir():
         if f.name not in ("model.safetensors", "training.json", "README.md"):

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 from vllm_stateful_reduce.testing.tasks import (
+    CELL,
     COLOURS,
     KINDS,
+    LONG_KINDS,
     SHAPES,
     TEST_SEEDS,
     TRAIN_SEEDS,
@@ -59,9 +61,54 @@ def test_targets_are_the_tokens_of_the_named_objects(kind: str) -> None:
     for seed in range(40):
         e = make_example(seed, kind=kind)
         assert len(e.targets) == (int(e.answer) if kind == "count" else 2 if kind == "order" else 1)
-        for token in e.targets:
-            frame, quadrant = divmod(token, 4)
-            y, x = divmod(quadrant, 2)
-            cell = e.frames[frame, 32 * y : 32 * y + 32, 32 * x : 32 * x + 32]
-            colour = objects(e.frames)[frame][0]
-            assert (cell == COLOURS[colour]).all(-1).sum() == (e.frames[frame] == COLOURS[colour]).all(-1).sum() > 0
+        assert_targets_hold_objects(e.frames, e.targets)
+
+
+def assert_targets_hold_objects(frames: np.ndarray, targets: tuple[int, ...]) -> None:
+    """Each target token's CELL x CELL cell (row-major) holds all of its frame's object."""
+    cells = frames.shape[1] // CELL
+    for token in targets:
+        frame, at = divmod(token, cells * cells)
+        y, x = divmod(at, cells)
+        cell = frames[frame, CELL * y : CELL * y + CELL, CELL * x : CELL * x + CELL]
+        colour = objects(frames)[frame][0]
+        assert (cell == COLOURS[colour]).all(-1).sum() == (frames[frame] == COLOURS[colour]).all(-1).sum() > 0
+
+
+def test_long_family_shape_kinds_and_prompt_share() -> None:
+    """64 frames of 128 px: 16 visual tokens a frame, 1,024 a video; seeds cycle the long kinds."""
+    examples = [make_example(TEST_SEEDS[i], family="long") for i in range(8)]
+    assert [e.kind for e in examples] == list(LONG_KINDS) * 2
+    assert all(e.frames.shape == (64, 128, 128, 3) for e in examples)
+    # most frames hold a distractor
+    assert np.mean([o is not None for e in examples for o in objects(e.frames)]) > 0.5
+    with pytest.raises(ValueError, match="family"):
+        make_example(0, family="medium")
+
+
+@pytest.mark.parametrize("kind", LONG_KINDS)
+def test_long_answers_and_targets_follow_from_the_frames(kind: str) -> None:
+    """after: the next non-empty frame after the only circle; second: the second of
+    2-4 squares of different colours. Targets: the answer's object's token."""
+    for seed in range(30):
+        e = make_example(seed, kind=kind, family="long")
+        seen = objects(e.frames)
+        present = [(t, o) for t, o in enumerate(seen) if o is not None]
+        if kind == "colour_of":
+            answer_frames = [t for t, (c, s) in present if s == "circle"]
+            assert [seen[t][0] for t in answer_frames] == [e.answer]
+        elif kind == "shape_of":
+            answer_frames = [t for t, (c, s) in present if c == "red"]
+            assert [seen[t][1] for t in answer_frames] == [e.answer]
+        elif kind == "after":
+            (circle,) = [t for t, (c, s) in present if s == "circle"]
+            answer_frames = [next(t for t, _ in present if t > circle)]
+            assert seen[answer_frames[0]][0] == e.answer != seen[circle][0]
+        else:
+            squares = [(t, c) for t, (c, s) in present if s == "square"]
+            assert 2 <= len(squares) <= 4 and len({c for _, c in squares}) == len(squares)
+            answer_frames = [squares[1][0]]
+            assert squares[1][1] == e.answer
+        assert e.answer in e.choices
+        assert [t // 16 for t in e.targets] == answer_frames
+        assert_targets_hold_objects(e.frames, e.targets)

@@ -11,10 +11,12 @@ independent of vLLM's.
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
@@ -185,6 +187,35 @@ def build_checkpoint(out_dir: str | Path, spec: CheckpointSpec | None = None) ->
     config.img_context_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config.save_pretrained(out)
     (out / "build_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    return out
+
+
+def resize_frames(checkpoint: str | Path, image_size: int, out_dir: str | Path) -> Path:
+    """A copy of `checkpoint` for `image_size` px frames: the ViT's position embeddings
+    bilinearly interpolated to the new patch grid (what RADIO's CPE does at run time, made
+    permanent so the position grid equals the frame grid) and the image-size fields updated."""
+    src, out = Path(checkpoint), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    grid = image_size // config["patch_size"]
+    tensors = load_file(src / "model.safetensors")
+    name = "vision_model.radio_model.model.patch_generator.pos_embed"
+    pos = tensors[name]
+    old = math.isqrt(pos.shape[1])
+    square = pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(square, size=(grid, grid), mode="bilinear", align_corners=False)
+    tensors[name] = resized.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype).contiguous()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config["force_image_size"] = image_size
+    config["vision_config"]["preferred_resolution"] = [image_size, image_size]
+    config["vision_config"]["args"]["cpe_max_size"] = image_size
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if (src / "build_spec.json").exists():
+        spec = json.loads((src / "build_spec.json").read_text()) | {"image_size": image_size}
+        (out / "build_spec.json").write_text(json.dumps(spec, indent=2))
+    for f in src.iterdir():
+        if not (out / f.name).exists():
+            (out / f.name).write_bytes(f.read_bytes())
     return out
 
 

@@ -1,17 +1,25 @@
 """A procedural video QA family whose questions need the whole video.
 
-Each video is a row of small frames; a frame is grey or holds one coloured shape in
-one quadrant (one visual token per quadrant at 64 px). The question comes after the
-video and names what to look for, so a query-conditioned reduction must find the
-few frames that matter among distractors:
+Each video is a row of small frames; a frame is grey or holds one 16 px coloured shape
+on the 16 px grid, inside one 32 px cell: one visual token of a model with 16 px ViT
+patches and pixel shuffle 0.5 (4 tokens per 64 px frame, 16 per 128 px frame). The
+question comes after the video and names what to look for, so a query-conditioned
+reduction must find the few frames that matter among distractors:
 
-- count:     "How many blue shapes are there?"       -> "2"
-- colour_of: "What colour is the circle?"            -> "green"     (exactly one circle)
-- shape_of:  "What shape is the red one?"            -> "triangle"  (exactly one red)
-- order:     "Which comes first, red or green?"      -> "red"
+- count:     "How many blue shapes are there?"                   -> "2"
+- colour_of: "What colour is the circle?"                        -> "green"     (exactly one circle)
+- shape_of:  "What shape is the red one?"                        -> "triangle"  (exactly one red)
+- order:     "Which comes first, red or green?"                  -> "red"
+- after:     "What colour is the shape right after the circle?"  -> "blue"  (the next non-empty frame)
+- second:    "What colour is the second square?"                 -> "red"   (2-4 squares, all colours differ)
 
-Everything follows from an integer seed; train and test use disjoint seed ranges.
-Answers are one word, scored by exact match.
+`after` and `second` name their answer's object only through another object or a
+count, so which token matters cannot be read off the question in shallow layers.
+
+Two presets (`FAMILIES`): "short" (8 frames of 64 px, the first four kinds: 32 visual
+tokens) and "long" (64 frames of 128 px, colour_of / shape_of / after / second: 1,024
+visual tokens, more than the frame text). Everything follows from an integer seed; train
+and test use disjoint seed ranges. Answers are one word, scored by exact match.
 """
 
 from collections.abc import Mapping
@@ -20,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 60, 230), "yellow": (230, 210, 30)}
-SIDE = 16  # shape size in pixels at 64 px frames (the default model's ViT patch)
+SIDE = 16  # shape size in pixels (the models' ViT patch)
+CELL = 2 * SIDE  # pixels per visual token side (pixel shuffle 0.5 merges 2x2 patches)
 
 
 def _masks(side: int) -> dict[str, np.ndarray]:
@@ -33,11 +42,24 @@ def _masks(side: int) -> dict[str, np.ndarray]:
 
 
 SHAPES = _masks(SIDE)
-KINDS = ("count", "colour_of", "shape_of", "order")
+KINDS = ("count", "colour_of", "shape_of", "order")  # the short family's
+LONG_KINDS = ("colour_of", "shape_of", "after", "second")
 TRAIN_SEEDS = range(0, 10_000_000)
 TEST_SEEDS = range(10_000_000, 20_000_000)
 
 Object = tuple[str, str] | None  # (colour, shape) or an empty frame
+
+
+@dataclass(frozen=True)
+class Family:
+    """A preset: the kinds a seed cycles through and the default video shape."""
+
+    kinds: tuple[str, ...]
+    num_frames: int
+    size: int
+
+
+FAMILIES = {"short": Family(KINDS, 8, 64), "long": Family(LONG_KINDS, 64, 128)}
 
 
 @dataclass(frozen=True)
@@ -48,22 +70,26 @@ class Example:
     question: str
     answer: str
     choices: tuple[str, ...]  # every possible answer of this kind (for chance accuracy)
-    targets: tuple[int, ...]  # visual tokens (frame * 4 + quadrant) of the objects the question names
+    # visual tokens (frame * cells^2 + cell, cells row-major, cells = size // CELL) holding
+    # the objects the answer is read from: every named object for count / colour_of /
+    # shape_of / order; the answer's object only for after and second
+    targets: tuple[int, ...]
 
 
 def _draw(objects: list[Object], size: int, rng: np.random.Generator) -> tuple[np.ndarray, list[int | None]]:
-    """Frames, and per frame the quadrant (row-major 2x2) its object lies in: one visual
-    token of the default model (64 px, 16 px patches, pixel shuffle 0.5)."""
+    """Frames, and per frame the cell (row-major, CELL px) its object lies in: its visual token."""
+    if size % CELL:
+        raise ValueError(f"size must be a multiple of {CELL} px, got {size}")
     frames = np.full((len(objects), size, size, 3), 110, np.uint8)
     frames += rng.integers(0, 12, frames.shape, dtype=np.uint8)  # texture, never constant
-    quadrants: list[int | None] = [None] * len(objects)
+    cells: list[int | None] = [None] * len(objects)
     for t, obj in enumerate(objects):
         if obj is None:
             continue
         y, x = rng.integers(0, size // SIDE, 2) * SIDE  # on the 16 px grid (one ViT patch)
         frames[t, y : y + SIDE, x : x + SIDE][SHAPES[obj[1]]] = COLOURS[obj[0]]
-        quadrants[t] = int(y >= size // 2) * 2 + int(x >= size // 2)
-    return frames, quadrants
+        cells[t] = int(y // CELL) * (size // CELL) + int(x // CELL)
+    return frames, cells
 
 
 def _fill(
@@ -80,13 +106,25 @@ def _fill(
 
 
 def make_example(
-    seed: int, num_frames: int = 8, size: int = 64, kind: str | None = None, clutter: float = 0.6
+    seed: int,
+    num_frames: int | None = None,
+    size: int | None = None,
+    kind: str | None = None,
+    clutter: float = 0.6,
+    family: str = "short",
 ) -> Example:
-    """`clutter`: chance that a frame not needed for the answer holds a distractor
-    (training also draws easier, less cluttered videos)."""
+    """`family` ("short" or "long") sets the kinds a seed cycles through and the default
+    `num_frames` / `size`; any kind can be drawn at any shape. `clutter`: chance that a
+    frame not needed for the answer holds a distractor (training also draws easier ones)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown task family {family!r}; one of {sorted(FAMILIES)}")
+    preset = FAMILIES[family]
+    num_frames, size = num_frames or preset.num_frames, size or preset.size
     rng = np.random.default_rng(seed)
-    kind = kind or KINDS[seed % len(KINDS)]
+    kind = kind or preset.kinds[seed % len(preset.kinds)]
     every = [(c, s) for c in COLOURS for s in SHAPES]
+    fixed: dict[int, Object]  # frames set for the answer; the rest hold distractors or nothing
+    named = None  # frames whose objects the answer is read from, when not every fixed one
     if kind == "count":
         n = int(rng.integers(0, 5))
         picks = rng.choice(num_frames, n, replace=False).tolist()
@@ -113,10 +151,30 @@ def make_example(
             pair[0] if first < second else pair[1],
             ("red", "green"),
         )
+    elif kind == "after":
+        # the circle, 1-3 empty-or-next frames, then the answer's shape in another colour
+        t = int(rng.integers(num_frames - 1))
+        gap = 1 + int(rng.integers(min(3, num_frames - 1 - t)))
+        colours = rng.permutation(list(COLOURS)).tolist()
+        shape = str(rng.choice(["square", "triangle"]))
+        fixed = {t: (colours[0], "circle"), t + gap: (colours[1], shape)} | {t + k: None for k in range(1, gap)}
+        objects = _fill(num_frames, fixed, [o for o in every if o[1] != "circle"], clutter, rng)
+        question, answer, choices = "What colour is the shape right after the circle?", colours[1], tuple(COLOURS)
+        named = [t + gap]
+    elif kind == "second":
+        # 2-4 squares of different colours, so no other square's colour is the answer
+        n = 2 + int(rng.integers(3))
+        at = sorted(rng.choice(num_frames, n, replace=False).tolist())
+        colours = rng.permutation(list(COLOURS)).tolist()
+        fixed = {f: (c, "square") for f, c in zip(at, colours, strict=False)}
+        objects = _fill(num_frames, fixed, [o for o in every if o[1] != "square"], clutter, rng)
+        question, answer, choices = "What colour is the second square?", colours[1], tuple(COLOURS)
+        named = [at[1]]
     else:
-        raise ValueError(f"unknown task kind {kind!r}; one of {KINDS}")
-    frames, quadrants = _draw(objects, size, rng)
-    targets = tuple(sorted(t * 4 + quadrants[t] for t in fixed))
+        raise ValueError(f"unknown task kind {kind!r}; one of {KINDS + LONG_KINDS[2:]}")
+    frames, cells = _draw(objects, size, rng)
+    per_frame = (size // CELL) ** 2
+    targets = tuple(sorted(t * per_frame + c for t in (named or fixed) if (c := cells[t]) is not None))
     return Example(seed, kind, frames, question, answer, choices, targets)
 
 
