@@ -177,3 +177,16 @@ def test_bad_arguments_are_named(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_:
         analyze_main(["--keep", "1.5"])
     assert exit_.value.code == 2 and "--keep: 1.5 is not a fraction" in capsys.readouterr().err
+
+
+def test_long_family_on_the_long_model(tmp_path: Path) -> None:
+    """The long task through the tool (in process, 4 questions): 1,024 visual tokens per
+    video, every colour read back, targets known for every kind."""
+    out = tmp_path / "long.json"
+    code = analyze_main(
+        ["--model", str(ROOT / "models" / "video-qa-long"), "--task", "long", "--items", "4", "--threads", "1"]
+        + ["--json", str(out)]
+    )
+    report = json.loads(out.read_text())
+    assert code == 0 and report["visual_tokens"] == [1024] * 4, report["visual_tokens"]
+    assert report["target_recall"]["items"] == 4 and report["dropping"]["items"] == 4

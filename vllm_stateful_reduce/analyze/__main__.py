@@ -19,13 +19,12 @@ from ..config import ReductionConfig
 from ..schedule import boundary_blocks
 from ..testing.encoding import Encoder
 from ..testing.oracle import ReferenceNanoVL
+from ..testing.tasks import FAMILIES
 from .dropping import drop_at_each_block, kept_tokens, summarise
 from .items import file_items, task_items
 from .plots import plot_report
 from .scores import block_name, sparsity, stability, target_recall, unreduced_forward
 
-# task family name -> `make_example` options
-TASKS: dict[str, dict[str, Any]] = {"short": {}}
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "video-qa-small"
 
 
@@ -37,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint directory")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--task", choices=sorted(TASKS), default="short", help="procedural task family")
+    source.add_argument(
+        "--task", choices=sorted(FAMILIES), default="short", help="procedural task family (`tasks.FAMILIES`)"
+    )
     source.add_argument(
         "--questions",
         type=Path,
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ReductionConfig(**args.reduction)
     started = time.monotonic()
     model, enc = ReferenceNanoVL(args.model), Encoder(args.model)
-    items = file_items(enc, args.questions) if args.questions else task_items(enc, args.items, **TASKS[args.task])
+    items = file_items(enc, args.questions) if args.questions else task_items(enc, args.items, family=args.task)
 
     forwards, dropped = [], []
     for j, item in enumerate(items):
