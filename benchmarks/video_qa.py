@@ -67,7 +67,7 @@ def evs_then_ours(budget: float) -> dict:
 
 def engine_length(model: Path, examples: list) -> int:
     """max_model_len for the task's prompts: the longest one plus room for the answer, in
-    512-token steps, at least 2,048 (the short family's setting; the long family's is 2,048 too)."""
+    512-token steps, at least 2,048 (both families fit in 2,048 today)."""
     from vllm_stateful_reduce.testing.encoding import Encoder
 
     encoder = Encoder(model)
