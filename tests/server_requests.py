@@ -17,6 +17,26 @@ from vllm_stateful_reduce.testing.launch import running_server
 
 from .helpers import video_part
 
+# uvicorn closes idle keep-alive connections after 5 s; a request sent on one as it closes
+# fails with "Server disconnected without sending a response" (no retries in tests)
+KEEPALIVE_SECONDS = 1.0
+
+
+def server_client(url: str, timeout: float = 600) -> openai.OpenAI:
+    """The official client for a test server: no retries (a retry could hide or repeat a
+    request), and idle connections dropped before the server drops them."""
+    limits = openai.DEFAULT_CONNECTION_LIMITS
+    http_client = openai.DefaultHttpxClient(
+        limits=type(limits)(
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=KEEPALIVE_SECONDS,
+        )
+    )
+    return openai.OpenAI(
+        base_url=url + "/v1", api_key="unused", max_retries=0, timeout=timeout, http_client=http_client
+    )
+
 
 @contextmanager
 def server_with_metrics(

@@ -9,7 +9,6 @@ the same messages, and the schedule's keep counts for each request's settings.
 
 import time
 
-import openai
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,7 +19,7 @@ from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec
 from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
 from .helpers import random_video, video_part
-from .server_requests import server_with_metrics, visual_tokens
+from .server_requests import server_client, server_with_metrics, visual_tokens
 
 pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
@@ -51,7 +50,7 @@ def server(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    return server_client(server)
 
 
 def plugin_figures(server: str) -> dict[tuple, float]:

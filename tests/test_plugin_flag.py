@@ -8,7 +8,6 @@ tests need no engine; one real server is started with exactly the card's form.
 import re
 import urllib.request
 
-import openai
 import pytest
 
 from vllm_stateful_reduce import ARCHITECTURE
@@ -17,6 +16,7 @@ from vllm_stateful_reduce.testing.video_files import video_data_url
 from vllm_stateful_reduce.vllm_compat import PluginFlagError
 
 from .helpers import MAX_MODEL_LEN, ask, video_part
+from .server_requests import server_client
 
 FLAG = "--plugin stateful-reduce"
 
@@ -122,7 +122,7 @@ def test_card_command_serves_a_video(real_layout_checkpoint, media, tmp_path) ->
     command = lambda port: plugin_flag_command(real_layout_checkpoint, port, extra)  # noqa: E731
     assert command(1)[3:8] == ["serve", "--model", str(real_layout_checkpoint), "--plugin", "stateful-reduce"]
     with running_server(real_layout_checkpoint, log_path=log_path, command=command) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        client = server_client(url)
         answer = ask(client, video_part(video_data_url(media / "ok.mp4")))
         assert answer.choices[0].message.content.strip()
         assert answer.usage.prompt_tokens > 6 * 4

@@ -18,13 +18,13 @@ import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import openai
 import pytest
 
 from vllm_stateful_reduce.testing.launch import running_server
 from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
 from .helpers import random_video, video_part
+from .server_requests import server_client
 
 pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
@@ -45,7 +45,7 @@ def videos(tmp_path_factory):
 
 def answers(url: str, videos: list[str]) -> list[tuple[list[int], list[float]]]:
     """(token ids, log-probs) of each request, sent concurrently (DP spreads them)."""
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    client = server_client(url)
     model = client.models.list().data[0].id
 
     def ask(i: int):

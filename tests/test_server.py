@@ -20,6 +20,7 @@ from vllm_stateful_reduce.testing.launch import free_port, running_server, serve
 from vllm_stateful_reduce.testing.video_files import video_data_url
 
 from .helpers import ask, video_part
+from .server_requests import server_client
 
 pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
@@ -40,7 +41,7 @@ def server(real_layout_checkpoint, media, server_log):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    return server_client(server)
 
 
 def test_video_by_data_url_and_by_local_file(client, media) -> None:

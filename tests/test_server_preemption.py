@@ -23,6 +23,7 @@ from .server_requests import (
     plugin_counts,
     send,
     send_together,
+    server_client,
     server_with_metrics,
 )
 
@@ -48,7 +49,7 @@ def server(checkpoint, tmp_path_factory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return server_client(server, timeout=300)
 
 
 @pytest.fixture(scope="module")
