@@ -17,8 +17,8 @@ from vllm_stateful_reduce.testing.launch import running_server
 
 from .helpers import video_part
 
-# uvicorn closes idle keep-alive connections after 5 s; a request sent on one as it closes
-# fails with "Server disconnected without sending a response" (no retries in tests)
+# a client must drop an idle connection before the server does (test servers: after 30 s,
+# `launch.SERVER_KEEPALIVE_SECONDS`), or a request sent on it as it closes is lost
 KEEPALIVE_SECONDS = 1.0
 
 

@@ -15,6 +15,7 @@ from .. import ARCHITECTURE
 
 # CLI form of REQUIRED_ENGINE_ARGS.
 REQUIRED_SERVE_FLAGS = ["--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill"]
+SERVER_KEEPALIVE_SECONDS = 30  # vLLM's default is 5 (VLLM_HTTP_TIMEOUT_KEEP_ALIVE)
 
 
 def free_port() -> int:
@@ -58,6 +59,10 @@ def running_server(
     `command(port)`, if given, replaces `serve_command(model, port, max_model_len, extra)`."""
     port = free_port()
     env = {**os.environ, "VLLM_PLUGINS": os.environ.get("VLLM_PLUGINS", "stateful_reduce")}
+    # uvicorn (uvloop) runs a connection's 5 s keep-alive timer before reading a request that
+    # arrived while the API server stalled (video decoding on a busy CPU), and drops it
+    # unanswered; far above clients' 1 s idle expiry, a stall must last ~30 s to do that
+    env.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(SERVER_KEEPALIVE_SECONDS))
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             command(port) if command else serve_command(model, port, max_model_len, extra),
