@@ -22,10 +22,11 @@ import cv2  # noqa: E402
 import pytest  # noqa: E402
 
 from vllm_stateful_reduce.testing.checkpoint import build_checkpoint  # noqa: E402
+from vllm_stateful_reduce.testing.encoding import Encoder  # noqa: E402
 from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL  # noqa: E402
 from vllm_stateful_reduce.testing.video_files import write_video  # noqa: E402
 
-from .helpers import random_video  # noqa: E402
+from .helpers import SMALL_MODEL, random_video  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +38,18 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(checkpoint) -> ReferenceNanoVL:
     """The plain-PyTorch oracle on the session's checkpoint."""
     return ReferenceNanoVL(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def small_model() -> ReferenceNanoVL:
+    """The plain-PyTorch reference on the committed trained model."""
+    return ReferenceNanoVL(SMALL_MODEL)
+
+
+@pytest.fixture(scope="module")
+def small_encoder() -> Encoder:
+    """Prompts and pixels for the committed trained model, as its server builds them."""
+    return Encoder(SMALL_MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,10 @@ from vllm_stateful_reduce.media import video_metadata
 from vllm_stateful_reduce.testing.tokenizer import chat_prompt
 
 __all__ = [
+    "LONG_MODEL",
     "MAX_MODEL_LEN",
+    "REPO",
+    "SMALL_MODEL",
     "ask",
     "chat_prompt",
     "engine_kwargs",
@@ -21,6 +24,9 @@ __all__ = [
 ]
 
 MAX_MODEL_LEN = 4096
+REPO = Path(__file__).resolve().parent.parent
+SMALL_MODEL = REPO / "models" / "video-qa-small"  # the committed models, trained here
+LONG_MODEL = REPO / "models" / "video-qa-long"
 
 
 def engine_kwargs(checkpoint: Path, **overrides) -> dict:

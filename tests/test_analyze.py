@@ -27,18 +27,7 @@ from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
 from vllm_stateful_reduce.testing.tasks import COLOURS, TEST_SEEDS, make_example
 from vllm_stateful_reduce.testing.video_files import write_video
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "models" / "video-qa-small"
-
-
-@pytest.fixture(scope="module")
-def model() -> ReferenceNanoVL:
-    return ReferenceNanoVL(MODEL)
-
-
-@pytest.fixture(scope="module")
-def enc() -> Encoder:
-    return Encoder(MODEL)
+from .helpers import LONG_MODEL, SMALL_MODEL
 
 
 def test_mass_fraction_and_entropy() -> None:
@@ -49,11 +38,11 @@ def test_mass_fraction_and_entropy() -> None:
     assert normalised_entropy(torch.tensor([1.0, 1e-12, 1e-12])) < 1e-9
 
 
-def test_stability_against_scipy(model: ReferenceNanoVL, enc: Encoder) -> None:
+def test_stability_against_scipy(small_model: ReferenceNanoVL, small_encoder: Encoder) -> None:
     """Spearman between blocks equals scipy's spearmanr; Jaccard is symmetric with a unit
     diagonal; recomputed by hand for one pair."""
     config = ReductionConfig()
-    forwards = [unreduced_forward(model, item, config) for item in task_items(enc, 3)]
+    forwards = [unreduced_forward(small_model, item, config) for item in task_items(small_encoder, 3)]
     out = stability(forwards, keep=0.25)
     names = out["blocks"]
     a, b = names.index("A1"), names.index("M3")
@@ -71,12 +60,12 @@ def test_stability_against_scipy(model: ReferenceNanoVL, enc: Encoder) -> None:
     assert all(out["jaccard"][i][i] == pytest.approx(1.0) for i in range(len(names)))
 
 
-def test_token_colours_hold_the_named_objects(enc: Encoder) -> None:
+def test_token_colours_hold_the_named_objects(small_encoder: Encoder) -> None:
     """Read back from the pixels: the token a colour_of question targets holds the answer's colour."""
-    items = task_items(enc, 24, kind="colour_of")
+    items = task_items(small_encoder, 24, kind="colour_of")
     for seed, item in zip(TEST_SEEDS, items, strict=False):
         example = make_example(seed, kind="colour_of")
-        assert len(item.colours) == len(example.frames) * tokens_per_frame(enc)
+        assert len(item.colours) == len(example.frames) * tokens_per_frame(small_encoder)
         (target,) = item.targets
         assert list(COLOURS)[item.colours[target]] == example.answer
         assert sum(c >= 0 for c in item.colours) >= 1
@@ -88,38 +77,38 @@ def _loglik(logits: torch.Tensor, answer: list[int]) -> float:
     return float(lp.gather(1, torch.tensor(answer)[:, None]).sum())
 
 
-def test_dropping_against_independent_forwards(model: ReferenceNanoVL, enc: Encoder) -> None:
+def test_dropping_against_independent_forwards(small_model: ReferenceNanoVL, small_encoder: Encoder) -> None:
     """Stateless (l = -1) equals transformers' whole-model forward on the kept rows; nothing
     dropped equals the reference's plain logits; dropped after the first attention block
     equals the reference's training forward with that one boundary (float32, tolerance 1e-4;
     measured differences are ~1e-6)."""
     config = ReductionConfig()
-    for item in task_items(enc, 4):
-        fw = unreduced_forward(model, item, config)
-        kept = kept_tokens(model, fw, config, keep=0.25)
+    for item in task_items(small_encoder, 4):
+        fw = unreduced_forward(small_model, item, config)
+        kept = kept_tokens(small_model, fw, config, keep=0.25)
         assert len(kept) == 8 and torch.equal(kept, kept.sort().values)
-        result = drop_at_each_block(model, item, fw, kept)
-        assert len(result.loglik) == len(model.pattern) + 1
+        result = drop_at_each_block(small_model, item, fw, kept)
+        assert len(result.loglik) == len(small_model.pattern) + 1
 
         ids = item.prompt + item.answer
-        embeds = model.embeds(ids, [item.pixels])
+        embeds = small_model.embeds(ids, [item.pixels])
         stay = torch.ones(len(ids), dtype=torch.bool)
         stay[fw.visual[~torch.isin(torch.arange(len(fw.visual)), kept)]] = False
         with torch.no_grad():
-            stateless = model.lm(inputs_embeds=embeds[stay][None]).logits[0]
-            full = model.logits(ids, [item.pixels])
+            stateless = small_model.lm(inputs_embeds=embeds[stay][None]).logits[0]
+            full = small_model.logits(ids, [item.pixels])
         assert result.loglik[0] == pytest.approx(_loglik(stateless, item.answer), abs=1e-4)
         assert result.loglik[-1] == pytest.approx(_loglik(full, item.answer), abs=1e-4)
 
-        first_attention = model.pattern.index("*")
+        first_attention = small_model.pattern.index("*")
         one_boundary = ReductionConfig(boundaries=[first_attention], schedule=[0.25])
         with torch.no_grad():
-            h, _ = model.forward_kept(embeds[None], [[fw.visual, fw.visual[kept]]], one_boundary)
+            h, _ = small_model.forward_kept(embeds[None], [[fw.visual, fw.visual[kept]]], one_boundary)
         feature = h[0, -len(item.answer) - 1]
         assert torch.allclose(result.features[first_attention + 1], feature, atol=1e-4)
 
 
-def test_questions_from_a_jsonl_file(tmp_path: Path, enc: Encoder) -> None:
+def test_questions_from_a_jsonl_file(tmp_path: Path, small_encoder: Encoder) -> None:
     """Videos on disk with questions: same prompt layout as the task's; a missing field is named."""
     rows = []
     for i, seed in enumerate(TEST_SEEDS[:2]):
@@ -127,18 +116,18 @@ def test_questions_from_a_jsonl_file(tmp_path: Path, enc: Encoder) -> None:
         write_video(e.frames, tmp_path / f"v{i}.avi")
         rows.append({"video": f"v{i}.avi", "question": e.question, "answer": e.answer, "targets": list(e.targets)})
     (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    items = file_items(enc, tmp_path / "q.jsonl")
-    for item, row, task_item in zip(items, rows, task_items(enc, 2), strict=True):
+    items = file_items(small_encoder, tmp_path / "q.jsonl")
+    for item, row, task_item in zip(items, rows, task_items(small_encoder, 2), strict=True):
         assert item.prompt == task_item.prompt and item.answer == task_item.answer
         assert item.targets == tuple(row["targets"]) and item.colours == ()
     (tmp_path / "bad.jsonl").write_text(json.dumps({"video": "v0.avi"}))
     with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field\(s\) \['question'\]"):
-        file_items(enc, tmp_path / "bad.jsonl")
+        file_items(small_encoder, tmp_path / "bad.jsonl")
 
 
 def run_analyze(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "vllm_stateful_reduce.analyze", "--model", str(MODEL), "--threads", "1", *args],
+        [sys.executable, "-m", "vllm_stateful_reduce.analyze", "--model", str(SMALL_MODEL), "--threads", "1", *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -184,8 +173,7 @@ def test_long_family_on_the_long_model(tmp_path: Path) -> None:
     video, every colour read back, targets known for every kind."""
     out = tmp_path / "long.json"
     code = analyze_main(
-        ["--model", str(ROOT / "models" / "video-qa-long"), "--task", "long", "--items", "4", "--threads", "1"]
-        + ["--json", str(out)]
+        ["--model", str(LONG_MODEL), "--task", "long", "--items", "4", "--threads", "1"] + ["--json", str(out)]
     )
     report = json.loads(out.read_text())
     assert code == 0 and report["visual_tokens"] == [1024] * 4, report["visual_tokens"]

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import tomllib
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
+from .helpers import REPO
+
+DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile.*"))
 
 
 def hadolint() -> str:
@@ -66,5 +67,5 @@ def test_images_serve_with_the_plugin_and_check_health(dockerfile: Path) -> None
     assert entrypoint[entrypoint.index("--plugin") + 1] == "stateful-reduce"
     assert "http://127.0.0.1:8000/health" in found["HEALTHCHECK"] and '"--port", "8000"' in found["ENTRYPOINT"]
     if dockerfile.name == "Dockerfile.cpu":
-        scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+        scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
         assert entrypoint[:2] == ["vllm-stateful-reduce", "serve"] and "vllm-stateful-reduce" in scripts

@@ -28,11 +28,9 @@ from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
 from vllm_stateful_reduce.testing.tasks import KINDS, TEST_SEEDS, Example, make_example
 from vllm_stateful_reduce.testing.video_files import read_video, write_video
 
-from .helpers import random_video
+from .helpers import REPO, SMALL_MODEL, random_video
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
-MODEL = ROOT / "models" / "video-qa-small"
+EXAMPLES = REPO / "examples"
 SERVE_SCRIPT = EXAMPLES / "serve_nano_12b_gpu.sh"
 NUM_FRAMES = 24  # 96 visual tokens: the budgets give different keep counts (min_keep is 16)
 MAX_TOKENS = 3
@@ -65,7 +63,7 @@ def reference_answers(videos):
     """answers(config) -> {video: (answer text, kept per stage)} from the reference forward
     on the decoded MP4 frames (what vLLM's OpenCV decoding gives both examples)."""
     folder, examples = videos
-    encoder, reference = Encoder(MODEL), ReferenceNanoVL(MODEL)
+    encoder, reference = Encoder(SMALL_MODEL), ReferenceNanoVL(SMALL_MODEL)
     stop = set(encoder.tokenizer.convert_tokens_to_ids(["</s>", "<|im_end|>"]))
     cache: dict[str, dict] = {}
 
@@ -199,11 +197,11 @@ def server(videos, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
 
     def command(port: int) -> list[str]:
-        env = [f"MODEL={MODEL}", f"VIDEO_DIR={folder}", f"VLLM={sys.executable} -m vllm_stateful_reduce",
+        env = [f"MODEL={SMALL_MODEL}", f"VIDEO_DIR={folder}", f"VLLM={sys.executable} -m vllm_stateful_reduce",
                "HOST=127.0.0.1", f"PORT={port}"]  # fmt: skip
         return ["env", *env, "bash", str(SERVE_SCRIPT), *CPU_FLAGS]
 
-    with running_server(MODEL, log_path=log, command=command) as url:
+    with running_server(SMALL_MODEL, log_path=log, command=command) as url:
         yield url, log
 
 
@@ -350,11 +348,11 @@ def test_reduction_config_file_shows_every_option_at_its_default() -> None:
 
 
 def test_readme_configuration_table_is_generated_from_the_model() -> None:
-    spec = importlib.util.spec_from_file_location("config_table", ROOT / "scripts" / "config_table.py")
+    spec = importlib.util.spec_from_file_location("config_table", REPO / "scripts" / "config_table.py")
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     rendered = table.render()
-    assert table.readme_table((ROOT / "README.md").read_text()) == rendered, (
+    assert table.readme_table((REPO / "README.md").read_text()) == rendered, (
         "run python scripts/config_table.py --write"
     )
     rows = rendered.splitlines()[2:]

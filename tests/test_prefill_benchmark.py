@@ -29,7 +29,8 @@ from vllm_stateful_reduce.config import parse
 from vllm_stateful_reduce.schedule import build_schedule
 from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec
 
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import REPO
+
 TINY = CheckpointSpec(pattern="M*-M-M*-", chunk_size=16, seed=3)  # 2 of 8 Mamba heads per group, GQA 2:1
 
 
@@ -189,7 +190,7 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     the summary complete and sane."""
     out_json, out_png = tmp_path / "prefill.json", tmp_path / "prefill.png"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "prefill_speedup.py"), "--quick", "--lengths", "1024", "--reps", "1",
+        [sys.executable, str(REPO / "benchmarks" / "prefill_speedup.py"), "--quick", "--lengths", "1024", "--reps", "1",
          "--decode-length", "512", "--decode-tokens", "4", "--batch-length", "512", "--batch-size", "2",
          "--tax-length", "512", "--json", str(out_json), "--png", str(out_png)],
         capture_output=True, text=True, timeout=600,

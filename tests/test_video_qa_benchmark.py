@@ -13,15 +13,14 @@ import pytest
 
 from vllm_stateful_reduce.testing.tasks import KINDS
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "models" / "video-qa-small"
+from .helpers import REPO, SMALL_MODEL
 
 
 def run_quick(script: str, tmp_path: Path, timeout: float) -> tuple[dict, str]:
-    """Run `benchmarks/<script> --quick` on MODEL; (JSON report, stdout). Checks the PNG."""
+    """Run `benchmarks/<script> --quick` on SMALL_MODEL; (JSON report, stdout). Checks the PNG."""
     out_json, out_png = tmp_path / "report.json", tmp_path / "report.png"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--model", str(MODEL),
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--model", str(SMALL_MODEL),
          "--json", str(out_json), "--png", str(out_png)],
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
