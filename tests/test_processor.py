@@ -56,6 +56,17 @@ def test_preprocessing_matches_pil_bicubic(height: int, width: int, size: int) -
     assert err < 2e-5, err
 
 
+def test_frames_of_the_model_size_are_normalised_exactly() -> None:
+    """No resize: the table path gives bit for bit what the formula gives elementwise."""
+    frames = random_video(3, 48, 48, seed=7)
+    assert set(np.unique(frames)) == set(range(256))  # every level is looked up
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    formula = (x / 255.0 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    ours = frames_to_pixel_values(frames, 48, MEAN, STD)
+    assert ours.dtype == torch.float32 and ours.is_contiguous()
+    assert torch.equal(ours, formula)
+
+
 @pytest.mark.parametrize("num_frames", [1, 3, 8])
 def test_placeholders_equal_visual_embeddings(processor, reference, num_frames: int) -> None:
     meta = video_metadata(num_frames, fps=4.0)
