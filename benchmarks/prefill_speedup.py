@@ -418,10 +418,10 @@ def measure_batch(llm, timers: Timers, sizes: dict, started: float) -> dict:
 
 def measure_tax(plugin_llm, make_plugin, make_intree, sizes: dict, vocab: range, started: float) -> dict:
     """Plugin model vs in-tree NemotronH on long text prompts, A B A B, in both start
-    orders: the engine started second ran 7% slower or faster than the first, by run
-    (+8.3% and -6.7% in two runs with the plugin always first). First the running plugin
-    engine and a new in-tree one; then a new plugin engine beside the in-tree one. The
-    last measurement: shuts the engines down."""
+    orders: whichever engine started second ran about 5% slower (so runs that always
+    started the plugin first gave +8.3% and -6.7%). First the running plugin engine and a
+    new in-tree one; then a new plugin engine beside the in-tree one. The last
+    measurement: shuts the engines down."""
     import numpy as np
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt

@@ -14,7 +14,7 @@ from scipy.stats import spearmanr
 
 from vllm_stateful_reduce.analyze.__main__ import main as analyze_main
 from vllm_stateful_reduce.analyze.dropping import drop_at_each_block, kept_tokens
-from vllm_stateful_reduce.analyze.items import file_items, task_items, tokens_per_frame
+from vllm_stateful_reduce.analyze.items import file_items, task_items
 from vllm_stateful_reduce.analyze.scores import (
     mass_fraction,
     normalised_entropy,
@@ -65,7 +65,7 @@ def test_token_colours_hold_the_named_objects(small_encoder: Encoder) -> None:
     items = task_items(small_encoder, 24, kind="colour_of")
     for seed, item in zip(TEST_SEEDS, items, strict=False):
         example = make_example(seed, kind="colour_of")
-        assert len(item.colours) == len(example.frames) * tokens_per_frame(small_encoder)
+        assert len(item.colours) == len(example.frames) * small_encoder.config.tokens_per_frame
         (target,) = item.targets
         assert list(COLOURS)[item.colours[target]] == example.answer
         assert sum(c >= 0 for c in item.colours) >= 1
@@ -85,7 +85,7 @@ def test_dropping_against_independent_forwards(small_model: ReferenceNanoVL, sma
     config = ReductionConfig()
     for item in task_items(small_encoder, 4):
         fw = unreduced_forward(small_model, item, config)
-        kept = kept_tokens(small_model, fw, config, keep=0.25)
+        kept = kept_tokens(fw, config, keep=0.25)
         assert len(kept) == 8 and torch.equal(kept, kept.sort().values)
         result = drop_at_each_block(small_model, item, fw, kept)
         assert len(result.loglik) == len(small_model.pattern) + 1

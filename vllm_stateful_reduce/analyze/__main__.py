@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     forwards, dropped = [], []
     for j, item in enumerate(items):
         fw = unreduced_forward(model, item, config)
-        dropped.append(drop_at_each_block(model, item, fw, kept_tokens(model, fw, config, args.keep)))
+        dropped.append(drop_at_each_block(model, item, fw, kept_tokens(fw, config, args.keep)))
         forwards.append(replace(fw, states=[]))  # the hidden states are large and no longer needed
         if (j + 1) % 8 == 0 or j + 1 == len(items):
             print(f"  {j + 1}/{len(items)} questions ({time.monotonic() - started:.0f} s)", flush=True)

@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ..config import ReductionConfig
 from ..schedule import SCORING_KINDS
-from ..testing.oracle import ReferenceNanoVL
+from ..testing.oracle import ReferenceNanoVL, unified_scores
 from .items import Item
 from .scores import Forward, keep_count, mean_stderr
 
@@ -34,15 +34,14 @@ class Dropped:
     probe_label: int | None  # colour of the latest dropped object token (None: none, or not known)
 
 
-def kept_tokens(model: ReferenceNanoVL, fw: Forward, config: ReductionConfig, keep: float) -> torch.Tensor:
+def kept_tokens(fw: Forward, config: ReductionConfig, keep: float) -> torch.Tensor:
     """Indices (into the visual tokens, ascending) of the top keep * N by the method's unified
     score: per block normalised as `score_norm` says, summed over the blocks `score_layers` uses."""
     total = torch.zeros(len(fw.visual))
     for name, s in fw.scores.items():
         kind = SCORING_KINDS["*" if name.startswith("A") else "M"]
-        if config.score_layers not in ("all", kind):
-            continue
-        total += s / s.sum() if config.score_norm == "sum" else (s - s.mean()) / s.std().clamp_min(1e-30)
+        if config.score_layers in ("all", kind):
+            total += unified_scores(s, config.score_norm)
     return torch.topk(total, keep_count(len(fw.visual), keep)).indices.sort().values
 
 

@@ -52,14 +52,9 @@ def _item(enc: Encoder, example: Example, tokens_per_frame: int, known: bool) ->
     )
 
 
-def tokens_per_frame(enc: Encoder) -> int:
-    c = enc.config
-    return int((c.force_image_size // c.patch_size) ** 2 * c.downsample_ratio**2)
-
-
 def task_items(enc: Encoder, count: int, **task: object) -> list[Item]:
     """Held-out examples of the task family (`task`: `make_example`'s options)."""
-    per_frame = tokens_per_frame(enc)
+    per_frame = enc.config.tokens_per_frame
     return [_item(enc, make_example(seed, **task), per_frame, known=True) for seed in TEST_SEEDS[:count]]  # type: ignore[arg-type]
 
 
@@ -75,5 +70,5 @@ def file_items(enc: Encoder, path: Path) -> list[Item]:
             raise ValueError(f"{path}:{number}: missing field(s) {sorted(missing)}")
         frames = read_video(path.parent / row["video"])
         example = Example(-1, "file", frames, row["question"], row.get("answer", ""), (), tuple(row.get("targets", ())))
-        items.append(_item(enc, example, tokens_per_frame(enc), known=False))
+        items.append(_item(enc, example, enc.config.tokens_per_frame, known=False))
     return items

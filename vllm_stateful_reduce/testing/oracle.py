@@ -25,6 +25,16 @@ from ..config import ReductionConfig
 from ..schedule import SCORING_KINDS, boundary_blocks, build_schedule
 
 
+def unified_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """A block's scores over a request's visual tokens on the common scale (`score_norm`):
+    divided by their sum, or z-scored (a single token gets 0)."""
+    if how == "sum":
+        return scores / scores.sum()
+    if len(scores) < 2:
+        return torch.zeros_like(scores)
+    return (scores - scores.mean()) / scores.std().clamp_min(1e-30)
+
+
 class TensorDict(nn.Module):
     """Checkpoint tensors under their dotted names, as trainable parameters."""
 
@@ -221,10 +231,7 @@ class ReferenceNanoVL(nn.Module):
                     if kind == "attention"
                     else self.mamba_scores(block, h, q_rows, v_rows, config.mamba_dt, config.mamba_decay)
                 )
-                if config.score_norm == "sum":
-                    scores = scores + s / s.sum()
-                elif len(s) > 1:
-                    scores = scores + (s - s.mean()) / s.std().clamp_min(1e-30)
+                scores = scores + unified_scores(s, config.score_norm)
             h = self.run_block(i, h)
             if reduce and stage < len(boundaries) and i == boundaries[stage]:
                 stage += 1
