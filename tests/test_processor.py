@@ -56,15 +56,29 @@ def test_preprocessing_matches_pil_bicubic(height: int, width: int, size: int) -
     assert err < 2e-5, err
 
 
-def test_frames_of_the_model_size_are_normalised_exactly() -> None:
-    """No resize: the table path gives bit for bit what the formula gives elementwise."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_frames_of_the_model_size_are_normalised_exactly(dtype: torch.dtype) -> None:
+    """No resize: the table path gives bit for bit what the float32 formula then vLLM's
+    cast to the model's dtype give."""
     frames = random_video(3, 48, 48, seed=7)
     assert set(np.unique(frames)) == set(range(256))  # every level is looked up
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
     formula = (x / 255.0 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    ours = frames_to_pixel_values(frames, 48, MEAN, STD)
-    assert ours.dtype == torch.float32 and ours.is_contiguous()
-    assert torch.equal(ours, formula)
+    ours = frames_to_pixel_values(frames, 48, MEAN, STD, dtype)
+    assert ours.dtype == dtype and ours.is_contiguous()
+    assert torch.equal(ours, formula.to(dtype))
+
+
+def test_videos_are_written_into_one_tensor_in_the_model_dtype(checkpoint) -> None:
+    """Resized and unresized videos side by side, each as `frames_to_pixel_values` makes it."""
+    processor = NanoVLVideoPreprocessor(
+        NemotronNanoVLConfig.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint), torch.bfloat16
+    )
+    size, c = processor.image_size, processor.config
+    videos = [random_video(2, size, size, seed=1), random_video(3, size + 5, size - 3, seed=2)]
+    out = processor([(v, video_metadata(len(v))) for v in videos])["pixel_values_flat_video"]
+    expected = torch.cat([frames_to_pixel_values(v, size, c.norm_mean, c.norm_std).to(torch.bfloat16) for v in videos])
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("num_frames", [1, 3, 8])

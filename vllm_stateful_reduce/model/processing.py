@@ -56,18 +56,28 @@ def decode_options(encoded: torch.Tensor) -> dict | None:
     return out or None
 
 
-def frames_to_pixel_values(frames: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(T, H, W, 3) uint8 frames -> (T, 3, size, size) float32, normalised.
+def frames_to_pixel_values(
+    frames: np.ndarray,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(T, H, W, 3) uint8 frames -> (T, 3, size, size) normalised, in `dtype` (the model's:
+    what vLLM would cast the processor's float32 output to, rounded once), into `out` if given.
 
     Bicubic with antialiasing on float values, as vLLM's in-tree processor does. Frames
     already `size` square skip the resize and are normalised by table (below).
     """
     validate_frames(frames)
+    if out is None:
+        out = torch.empty((frames.shape[0], 3, size, size), dtype=dtype)
     if frames.shape[1:3] == (size, size):
-        return _normalised_by_table(frames, mean, std)
+        return _normalised_by_table(frames, mean, std, out)
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
     x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    return _normalised(x, torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)).contiguous()
+    return out.copy_(_normalised(x, torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)))
 
 
 def _normalised(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -75,17 +85,28 @@ def _normalised(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch
     return (x / 255.0 - mean) / std
 
 
-def _normalised_by_table(frames: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """`_normalised` of uint8 frames by lookup: each channel's 256 levels computed once by
-    the same float32 formula (so bit-identical), then read per pixel straight into the
-    channels-first layout. 4.7x faster than the elementwise formula on 32 frames of 512 px
-    (69 vs 323 ms, one thread): the front end of every video request pays it."""
+def _normalised_by_table(
+    frames: np.ndarray, mean: Sequence[float], std: Sequence[float], out: torch.Tensor
+) -> torch.Tensor:
+    """`_normalised` of uint8 frames by lookup into `out` (T, 3, H, W): each channel's 256
+    levels computed once by the same float32 formula and rounded to `out`'s dtype (so bit
+    for bit what the formula then a cast give), then read per pixel straight into the
+    channels-first layout. 32 frames of 512 px into bf16, one thread: 72 ms, where a
+    float32 table, a copy into one tensor and vLLM's cast to bf16 took 160 ms, and the
+    elementwise formula alone 323 ms. Every video request's front end pays it."""
     levels = torch.arange(256, dtype=torch.float32)[:, None]  # (256, 1)
-    table = _normalised(levels, torch.tensor(mean), torch.tensor(std)).T.contiguous().numpy()  # (3, 256)
-    out = np.empty((frames.shape[0], 3, *frames.shape[1:3]), dtype=np.float32)  # (T, 3, H, W)
-    for c in range(3):
-        out[:, c] = table[c][frames[..., c]]
-    return torch.from_numpy(out)
+    table = _normalised(levels, torch.tensor(mean), torch.tensor(std)).T.to(out.dtype).contiguous()  # (3, 256)
+    bits = _int_view(table).numpy()  # numpy has no bf16: look up the bit patterns
+    target = _int_view(out).numpy()
+    for t in range(frames.shape[0]):  # frame by frame: 1.5x faster than whole channels (cache)
+        for c in range(3):
+            target[t, c] = bits[c][frames[t, ..., c]]
+    return out
+
+
+def _int_view(x: torch.Tensor) -> torch.Tensor:
+    """The same memory as a signed integer tensor of the same width."""
+    return x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
 
 
 def validate_frames(frames: object) -> None:
@@ -118,8 +139,9 @@ def frame_separators(frames_indices: Sequence[int], duration_ms: int) -> list[st
 class NanoVLVideoPreprocessor:
     """Stands where an HF processor would: frames -> pixel values and frame metadata."""
 
-    def __init__(self, config: NemotronNanoVLConfig, tokenizer: Any) -> None:
+    def __init__(self, config: NemotronNanoVLConfig, tokenizer: Any, dtype: torch.dtype = torch.float32) -> None:
         self.config = config
+        self.dtype = dtype  # of the pixel values: the model's, so vLLM has nothing to cast
         self.tokenizer = tokenizer
         self.image_size = config.force_image_size
         self.tokens_per_frame = config.tokens_per_frame
@@ -134,14 +156,17 @@ class NanoVLVideoPreprocessor:
         self, videos: Sequence[tuple[np.ndarray, Mapping[str, Any]]], return_tensors: Any = None, **kwargs: Any
     ) -> BatchFeature:
         options = encode_options(kwargs.get(CONFIG_KEY))
-        pixel_values = [
-            frames_to_pixel_values(frames, self.image_size, self.config.norm_mean, self.config.norm_std)
-            for frames, _meta in videos
-        ]
+        for frames, _meta in videos:
+            validate_frames(frames)
+        num_frames = [len(frames) for frames, _meta in videos]
+        pixel_values = torch.empty((sum(num_frames), 3, self.image_size, self.image_size), dtype=self.dtype)
+        c = self.config
+        for (frames, _meta), part in zip(videos, pixel_values.split(num_frames), strict=True):
+            frames_to_pixel_values(frames, self.image_size, c.norm_mean, c.norm_std, self.dtype, out=part)
         return BatchFeature(
             {
-                "pixel_values_flat_video": torch.cat(pixel_values),
-                "video_num_patches": torch.tensor([len(p) for p in pixel_values]),
+                "pixel_values_flat_video": pixel_values,  # every video's frames, written in place
+                "video_num_patches": torch.tensor(num_frames),
                 "frames_indices": [
                     torch.as_tensor(video_frames_indices(frames, meta), dtype=torch.int64) for frames, meta in videos
                 ],
@@ -175,7 +200,7 @@ class NanoVLProcessingInfo(BaseProcessingInfo):
         return self.ctx.get_hf_config(NemotronNanoVLConfig)
 
     def get_hf_processor(self, **kwargs: object) -> NanoVLVideoPreprocessor:
-        return NanoVLVideoPreprocessor(self.get_hf_config(), self.get_tokenizer())
+        return NanoVLVideoPreprocessor(self.get_hf_config(), self.get_tokenizer(), self.ctx.model_config.dtype)
 
     def get_supported_mm_processor_kwargs(self) -> dict[str, set[str]]:
         return {}
