@@ -65,7 +65,8 @@ def frames_to_pixel_values(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(T, H, W, 3) uint8 frames -> (T, 3, size, size) normalised, in `dtype` (the model's:
-    what vLLM would cast the processor's float32 output to, rounded once), into `out` if given.
+    what vLLM would cast the processor's float32 output to, rounded once), or into `out` (its
+    dtype then).
 
     Bicubic with antialiasing on float values, as vLLM's in-tree processor does. Frames
     already `size` square skip the resize and are normalised by table (below).
@@ -162,7 +163,7 @@ class NanoVLVideoPreprocessor:
         pixel_values = torch.empty((sum(num_frames), 3, self.image_size, self.image_size), dtype=self.dtype)
         c = self.config
         for (frames, _meta), part in zip(videos, pixel_values.split(num_frames), strict=True):
-            frames_to_pixel_values(frames, self.image_size, c.norm_mean, c.norm_std, self.dtype, out=part)
+            frames_to_pixel_values(frames, self.image_size, c.norm_mean, c.norm_std, out=part)
         return BatchFeature(
             {
                 "pixel_values_flat_video": pixel_values,  # every video's frames, written in place
