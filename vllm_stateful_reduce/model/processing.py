@@ -92,16 +92,17 @@ def _normalised_by_table(
     """`_normalised` of uint8 frames by lookup into `out` (T, 3, H, W): each channel's 256
     levels computed once by the same float32 formula and rounded to `out`'s dtype (so bit
     for bit what the formula then a cast give), then read per pixel straight into the
-    channels-first layout. 32 frames of 512 px into bf16, one thread: 72 ms, where a
-    float32 table, a copy into one tensor and vLLM's cast to bf16 took 160 ms, and the
-    elementwise formula alone 323 ms. Every video request's front end pays it."""
+    channels-first layout, with no temporary per plane (`np.take(out=)`: 14 ms for 16
+    frames of 512 px into bf16, one thread, where fancy indexing took 23 ms; a float32
+    table, a copy into one tensor and vLLM's cast to bf16 took twice that again). Every
+    video request's front end pays it."""
     levels = torch.arange(256, dtype=torch.float32)[:, None]  # (256, 1)
     table = _normalised(levels, torch.tensor(mean), torch.tensor(std)).T.to(out.dtype).contiguous()  # (3, 256)
     bits = _int_view(table).numpy()  # numpy has no bf16: look up the bit patterns
     target = _int_view(out).numpy()
     for t in range(frames.shape[0]):  # frame by frame: 1.5x faster than whole channels (cache)
         for c in range(3):
-            target[t, c] = bits[c][frames[t, ..., c]]
+            np.take(bits[c], frames[t, ..., c], out=target[t, c])
     return out
 
 
