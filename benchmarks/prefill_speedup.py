@@ -46,7 +46,9 @@ decode_ratio (ours_25's time per output token / off's: > 1 is slower), batch_spe
 plugin_tax (plugin TTFT / in-tree TTFT - 1, both engine start orders), outside_lm_fraction_off (vision encoder,
 front end and sampling as a share of off's TTFT), and by_length: ours_25's efficiencies
 (TTFT, LM forward, and TTFT against the FLOP model with off's time outside the LM held
-fixed, `fixed_time_ratio`) and overhead at every length.
+fixed, `fixed_time_ratio`), efficiency_ceiling (the TTFT efficiency a perfect reduction
+would reach: LM forward exactly at the FLOP model, no overhead, off's time outside the LM)
+and overhead at every length.
 
 The checkpoint (random weights, built once and cached under artifacts/, keyed by its
 spec) has Nano 12B v2's 62-block pattern, GQA 5:1 (10/2 heads x 32), Mamba2 2x hidden
@@ -313,6 +315,8 @@ def summarise_length(raw: dict[str, list[dict]], prompt: PromptTokens, dims: Mod
                 entry["efficiency_forward"] = entry["speedup_forward"]["median"] / entry["flop_ratio"]["total"]
                 entry["ttft_model_ratio"] = fixed_time_ratio(out["off"], entry["flop_ratio"]["total"])
                 entry["efficiency_ttft_model"] = entry["speedup"]["median"] / entry["ttft_model_ratio"]
+                # the TTFT efficiency of a perfect reduction: LM forward at the FLOP model, no overhead
+                entry["efficiency_ceiling"] = entry["ttft_model_ratio"] / entry["flop_ratio"]["total"]
         out[name] = entry
     return out
 
@@ -514,7 +518,7 @@ def build_summary(report: dict) -> dict:
         "by_length": {
             length: {
                 key: block["configs"]["ours_25"].get(key)
-                for key in ("efficiency", "efficiency_forward", "efficiency_ttft_model")
+                for key in ("efficiency", "efficiency_forward", "efficiency_ttft_model", "efficiency_ceiling")
             }
             | {"overhead_fraction": (block["configs"]["ours_25"]["overhead_fraction"] or {}).get("median")}
             for length, block in report["prefill"].items()
@@ -542,6 +546,9 @@ def print_tables(report: dict) -> None:
             line += f"{fwd['median']:>8.2f}x{e['efficiency_forward']:>7.2f}" if fwd else f"{'-':>9}{'-':>7}"
             line += f"{100 * ovh['median']:>7.1f}" if ovh else f"{'-':>7}"
             print(line + f"{e['flop_ratio_12b']['total']:>9.2f}")
+        ceiling = block["configs"]["ours_25"].get("efficiency_ceiling")
+        if ceiling is not None:
+            print(f"ours_25 TTFT efficiency of a perfect reduction (time outside the LM as off's): {ceiling:.3f}")
     d, b, t = report["decode"], report["batch"], report["plugin_tax"]
     print(
         f"\ndecode after {d['visual_tokens']} visual tokens: "

@@ -222,5 +222,8 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     assert at["overhead_fraction"] == s["overhead_fraction"] and at["efficiency"] == s["efficiency_at_25"], at
     # the fixed-time model lies between the LM's FLOP ratio and 1, so against it TTFT looks more efficient
     assert at["efficiency_ttft_model"] > at["efficiency"], at
+    # a perfect reduction still pays off's time outside the LM: below 1, and by exactly that
+    assert 0.3 < at["efficiency_ceiling"] < 1.0, at
+    assert at["efficiency_ceiling"] * at["efficiency_ttft_model"] == pytest.approx(at["efficiency"], rel=1e-9), at
     assert report["batch"]["all_prefilled_in_one_step"], report["batch"]
     assert "off" in run.stdout and "plugin tax" in run.stdout  # the terminal table
