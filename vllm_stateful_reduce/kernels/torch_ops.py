@@ -92,12 +92,12 @@ def mamba_scores(
         cols = v_rows[r]
         valid = cols >= 0
         rows = cols.clamp_min(0)
-        # gathered and converted once for all groups (per group: 1.7x slower at 4k rows)
-        c_r, b_r = c[q0 : q0 + nq].float(), b.index_select(0, rows).float()  # (T, G, N), (V, G, N)
-        w_r = weight.index_select(0, rows).float() if weight is not None else None  # (V, G)
-        per_row = torch.zeros(len(rows), dtype=torch.float32, device=c.device)
-        for g in range(c.shape[1]):  # one group at a time: (V, T) products
-            summed = F.linear(b_r[:, g], c_r[:, g]).abs_().sum(1)
-            per_row += summed * w_r[:, g] if w_r is not None else summed
-        out[r] = torch.where(valid, per_row / nq, 0.0)
+        # B gathered and converted once for all groups; one batched GEMM over the groups
+        # (a loop over groups cost ~10 more small ops per call, most of a call past 1k rows)
+        c_r = c[q0 : q0 + nq].float().transpose(0, 1)  # (G, T, N)
+        b_r = b.index_select(0, rows).float().permute(1, 2, 0)  # (G, N, V)
+        per_group = torch.bmm(c_r, b_r).abs_().sum(1)  # (G, V)
+        if weight is not None:
+            per_group *= weight.index_select(0, rows).float().T
+        out[r] = torch.where(valid, per_group.sum(0) / nq, 0.0)
     return out
