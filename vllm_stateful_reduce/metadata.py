@@ -1,7 +1,8 @@
 """Per-stage attention and Mamba2 metadata for a step whose token layout changes.
 
 Built once per step for every stage that differs from the runner's layout, before
-block 0, from the plan's host counts and its one device upload. Row r of request i
+block 0, from the plan's host counts and its one device upload, for the layers that
+run in that stage (a layer runs in one stage only). Row r of request i
 in stage j sits at logical position num_computed[j, i] + r of the request's
 compacted sequence (0.. for a reduced prefill; `pos - dropped[j]` for later steps).
 
@@ -34,6 +35,14 @@ StageMetadata = dict[str, tuple[object, torch.Tensor | None]]
 
 
 @dataclass(frozen=True)
+class StageLayers:
+    """The layers of one stage that read metadata, by vLLM layer name."""
+
+    attention: frozenset[str]
+    mamba: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class StageBuilders:
     """One of the runner's attention groups with a metadata builder of its backend for
     each stage (stage 0 too: EVS-style pruning changes it). A builder may keep
@@ -58,14 +67,15 @@ class StageBuilders:
         return self.group.kv_cache_spec.block_size
 
 
-def logical_positions(plan: StepPlan, device_plan: DevicePlan, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows,) request index and logical position of every row of the stage, on the device."""
-    rows = device_plan.query_start_loc[stage].diff().long()
-    total = int(plan.rows[stage].sum())
-    request = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), rows, output_size=total)
-    first = device_plan.seq_lens[stage].long() - rows  # logical position of each request's first row
-    offset = torch.arange(total, device=rows.device) - device_plan.query_start_loc[stage].long()[request]
-    return request, first[request] + offset
+def logical_positions(plan: StepPlan, device_plan: DevicePlan, first: int) -> torch.Tensor:
+    """(2, rows) request index and logical position of every row of stages first.. (their
+    rows one stage after the other), on the device, for all those stages in one go."""
+    counts = device_plan.rows[first:].flatten()  # (stages x R,) rows of each (stage, request)
+    total = int(plan.rows[first:].sum())
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts, output_size=total)
+    offset = torch.arange(total, device=counts.device) - (torch.cumsum(counts, 0) - counts)[owner]
+    logical = device_plan.num_computed[first:].flatten()[owner] + offset
+    return torch.stack([owner % plan.rows.shape[1], logical])
 
 
 def logical_slots(
@@ -78,16 +88,14 @@ def logical_slots(
 def attention_metadata(
     group: StageBuilders,
     block_table: torch.Tensor,
-    positions: tuple[torch.Tensor, torch.Tensor],
+    slots: torch.Tensor,
     plan: StepPlan,
     device_plan: DevicePlan,
     stage: int,
 ) -> tuple[object, torch.Tensor]:
-    """(new metadata, new slot mapping) of one attention group for a stage; `block_table`
-    is the runner's for the group's KV-cache group (manager blocks, on the device);
-    `positions` is the stage's `logical_positions` (the same for every group)."""
-    request, logical = positions
-    slots = logical_slots(block_table, request, logical, group.block_size)
+    """(new metadata, slot mapping) of one attention group for a stage; `block_table` is
+    the runner's for the group's KV-cache group (manager blocks, on the device), `slots`
+    the stage's rows' slots in it (`logical_slots`)."""
     query_lens, seq_lens = plan.rows[stage], plan.seq_lens[stage]
     common = CommonAttentionMetadata(
         query_start_loc=device_plan.query_start_loc[stage],
@@ -141,27 +149,39 @@ def stage_metadata(
     current: dict[str, object],
     attention: Sequence[StageBuilders],
     block_tables: Sequence[torch.Tensor],
-    mamba_names: list[str],
+    stage_layers: Sequence[StageLayers],
 ) -> list[StageMetadata | None]:
-    """Every stage's metadata (None where the runner's own stands): one build per
-    attention group and stage; Mamba2 metadata once per KV-cache group and stage.
-    `block_tables[g]` is the runner's block table of KV-cache group g."""
-    out: list[StageMetadata | None] = []
-    for stage in range(plan.num_stages):
-        if not plan.changes(stage):
-            out.append(None)
-            continue
+    """Every stage's metadata for the layers that run in it (None where the runner's own
+    stands). Positions and slots of all changing stages come from one batch of ops; then
+    one build per stage and attention group with a layer there, and Mamba2 metadata once
+    per KV-cache group and stage. `block_tables[g]` is the runner's block table of
+    KV-cache group g."""
+    changing = [stage for stage in range(plan.num_stages) if plan.changes(stage)]
+    out: list[StageMetadata | None] = [None] * plan.num_stages
+    if not changing:
+        return out
+    first = changing[0]  # rows and keys never grow with depth: every later stage changes too
+    request, logical = logical_positions(plan, device_plan, first)
+    bounds = np.concatenate([[0], np.cumsum(plan.rows[first:].sum(1))])
+    slots = {  # by KV-cache group
+        g.kv_cache_group_id: logical_slots(block_tables[g.kv_cache_group_id], request, logical, g.block_size)
+        for g in attention
+    }
+    for stage in changing:
+        rows = slice(int(bounds[stage - first]), int(bounds[stage - first + 1]))
         stage_md: StageMetadata = {}
-        positions = logical_positions(plan, device_plan, stage)
         for group in attention:
-            table = block_tables[group.kv_cache_group_id]
-            built = attention_metadata(group, table, positions, plan, device_plan, stage)
-            stage_md.update(dict.fromkeys(group.layer_names, built))
+            layers = [name for name in group.layer_names if name in stage_layers[stage].attention]
+            if layers:
+                table = block_tables[group.kv_cache_group_id]
+                stage_slots = slots[group.kv_cache_group_id][rows]
+                built = attention_metadata(group, table, stage_slots, plan, device_plan, stage)
+                stage_md.update(dict.fromkeys(layers, built))
         mamba_built: dict[int, object] = {}
-        for name in mamba_names:
+        for name in stage_layers[stage].mamba:
             meta = current[name]
             if id(meta) not in mamba_built:
                 mamba_built[id(meta)] = mamba_metadata(meta, plan, device_plan, stage)
             stage_md[name] = (mamba_built[id(meta)], None)
-        out.append(stage_md)
+        out[stage] = stage_md
     return out

@@ -103,82 +103,95 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class DevicePlan:
-    """What the device needs of a plan, uploaded in one copy; host copies alongside."""
+    """What the device needs of a plan, uploaded in one copy; host copies alongside.
+    Per-stage arrays are stacked (stage first), so `x[stage]` is that stage's view."""
 
-    query_start_loc: list[torch.Tensor]  # per stage, (R+1,) int32 on the device
-    seq_lens: list[torch.Tensor]  # per stage, (R,) int32 on the device
+    query_start_loc: torch.Tensor  # (stages, R+1) int32
+    seq_lens: torch.Tensor  # (stages, R) int32
+    rows: torch.Tensor  # (stages, R) int64 rows of each request in each stage
+    num_computed: torch.Tensor  # (stages, R) int64 logical position of each request's first row
     keys: list[Varlen]  # per stage, the reducing requests' prompt rows in the packed batch
     queries: Varlen  # the reducing requests' question rows, packed (same in every stage)
-    query_rows: list[torch.Tensor]  # per stage, (T,) int64 rows of the question rows
-    keep: list[torch.Tensor]  # per stage, (R_red,) int64 visual tokens each reducing request keeps
+    query_rows: torch.Tensor  # (stages, T) int64 rows of the question rows
+    keep: torch.Tensor  # (stages, R_red) int64 visual tokens each reducing request keeps
     visual_rows: torch.Tensor  # (R_red, V) int64 input rows of the visual tokens; -1 pads
     visual_positions: torch.Tensor  # (R_red, V) int64 their prompt positions; -1 pads
 
     @classmethod
     def of(cls, plan: StepPlan, device: torch.device) -> "DevicePlan":
+        """One int64 upload; the int32 arrays lead it and become int32 in one conversion."""
         from vllm.utils.torch_utils import async_tensor_h2d
 
-        host = _host_arrays(plan)
-        flat = np.concatenate([a.ravel() for a in host.values()]).astype(np.int64)
+        narrow, wide = _host_arrays(plan)
+        flat = np.concatenate([a.ravel() for a in (*narrow.values(), *wide.values())]).astype(np.int64)
         data = async_tensor_h2d(flat, dtype=torch.int64, device=device)
-        views, offset = {}, 0
-        for name, array in host.items():
-            views[name] = data[offset : offset + array.size].view(array.shape)
-            offset += array.size
-        stages = plan.num_stages
+        num_narrow = sum(a.size for a in narrow.values())
+        views = {**_views(narrow, data[:num_narrow].int()), **_views(wide, data[num_narrow:])}
 
-        def varlen(name: str) -> Varlen:
-            return Varlen(tuple(host[name][0].tolist()), tuple(host[name][1].tolist()), views[name].int())
+        def varlen(host: np.ndarray, on_device: torch.Tensor) -> Varlen:
+            return Varlen(tuple(host[0].tolist()), tuple(host[1].tolist()), on_device)
 
         return cls(
-            query_start_loc=[views[f"qsl{j}"].int() for j in range(stages)],
-            seq_lens=[views[f"seq{j}"].int() for j in range(stages)],
-            keys=[varlen(f"keys{j}") for j in range(stages)],
-            queries=varlen("queries"),
-            query_rows=[views[f"qrows{j}"] for j in range(stages)],
-            keep=[views["keep"][:, j] for j in range(stages)],
+            query_start_loc=views["query_start_loc"],
+            seq_lens=views["seq_lens"],
+            rows=views["rows"],
+            num_computed=views["num_computed"],
+            keys=[varlen(narrow["keys"][j], views["keys"][j]) for j in range(plan.num_stages)],
+            queries=varlen(narrow["queries"], views["queries"]),
+            query_rows=views["query_rows"],
+            keep=views["keep"],
             visual_rows=views["visual_rows"],
             visual_positions=views["visual_positions"],
         )
 
 
-def _host_arrays(plan: StepPlan) -> dict[str, np.ndarray]:
-    """Every integer array of the plan the device needs, by name."""
-    out: dict[str, np.ndarray] = {}
+def _views(host: dict[str, np.ndarray], data: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`data` cut into tensors shaped like the host arrays, in order."""
+    views, offset = {}, 0
+    for name, array in host.items():
+        views[name] = data[offset : offset + array.size].view(array.shape)
+        offset += array.size
+    return views
+
+
+def _host_arrays(plan: StepPlan) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every integer array of the plan the device needs, by name, stage first where
+    per stage: (int32 ones, int64 ones)."""
     index = [r.batch_index for r in plan.reducing]
     num_query = np.array([r.num_query for r in plan.reducing], dtype=np.int64)
     num_output = np.array([r.num_output for r in plan.reducing], dtype=np.int64)
-    for j in range(plan.num_stages):
-        out[f"qsl{j}"] = plan.query_start_loc(j)
-        out[f"seq{j}"] = plan.seq_lens[j]
-        starts = out[f"qsl{j}"][:-1][index]
-        prompt_rows = plan.rows[j][index] - num_output  # keys a question row can see
-        out[f"keys{j}"] = np.stack([starts, prompt_rows]).reshape(2, len(index))
-        first_query = starts + prompt_rows - num_query
-        out[f"qrows{j}"] = _ranges(first_query, num_query)
-    out["queries"] = np.stack([_exclusive_cumsum(num_query), num_query]).reshape(2, len(index))
-    out["keep"] = np.array([r.keep for r in plan.reducing], dtype=np.int64).reshape(len(index), plan.num_stages)
+    query_start_loc = np.concatenate([np.zeros((plan.num_stages, 1), np.int64), plan.rows.cumsum(1)], axis=1)
+    starts = query_start_loc[:, :-1][:, index]  # (stages, R_red)
+    prompt_rows = plan.rows[:, index] - num_output  # keys a question row can see
+    first_query = starts + prompt_rows - num_query
+    owner = np.repeat(np.arange(len(index)), num_query)  # the reducing request of each question row
+    offset = np.arange(len(owner)) - _exclusive_cumsum(num_query)[owner]
+    narrow = {
+        "query_start_loc": query_start_loc,
+        "seq_lens": plan.seq_lens,
+        "keys": np.stack([starts, prompt_rows], axis=1),  # (stages, 2, R_red)
+        "queries": np.stack([_exclusive_cumsum(num_query), num_query]).reshape(2, len(index)),
+    }
     width = max((len(r.visual) for r in plan.reducing), default=0)
     rows = np.full((len(index), width), -1, dtype=np.int64)
     positions = np.full((len(index), width), -1, dtype=np.int64)
-    starts = _exclusive_cumsum(plan.scheduled)  # visual rows as the runner laid them out
+    runner_starts = _exclusive_cumsum(plan.scheduled)  # visual rows as the runner laid them out
     for i, r in enumerate(plan.reducing):
-        rows[i, : len(r.visual)] = starts[r.batch_index] + r.visual
+        rows[i, : len(r.visual)] = runner_starts[r.batch_index] + r.visual
         positions[i, : len(r.visual)] = r.visual
-    out["visual_rows"], out["visual_positions"] = rows, positions
-    return out
+    wide = {
+        "rows": plan.rows,
+        "num_computed": plan.num_computed,
+        "query_rows": first_query[:, owner] + offset,  # (stages, T)
+        "keep": np.array([r.keep for r in plan.reducing], dtype=np.int64).reshape(len(index), plan.num_stages).T,
+        "visual_rows": rows,
+        "visual_positions": positions,
+    }
+    return narrow, wide
 
 
 def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
     return (np.cumsum(counts) - counts).astype(np.int64)
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + n) for each (s, n)."""
-    if not len(lengths) or not lengths.sum():
-        return np.zeros(0, dtype=np.int64)
-    offsets = np.arange(lengths.sum()) - np.repeat(_exclusive_cumsum(lengths), lengths)
-    return np.repeat(starts, lengths) + offsets
 
 
 def plan_step(

@@ -67,9 +67,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         self.attention_names = [
             layer.mixer.attn.layer_name for layer in self.layers if isinstance(layer, NemotronHAttentionDecoderLayer)
         ]
-        self.mamba_names = [
-            layer.mixer.prefix for layer in self.layers if isinstance(layer, NemotronHMambaDecoderLayer)
-        ]
+        self.stage_layers = self._layers_by_stage()
         for layer in self.layers:
             if isinstance(layer, NemotronHMambaDecoderLayer) and layer.mixer.n_groups % layer.mixer.tp_size:
                 raise ValueError("token reduction needs n_groups divisible by the tensor-parallel size")
@@ -129,7 +127,7 @@ class ReducibleNemotronHModel(NemotronHModel):
                     "the runner glue did not bind the attention groups (vllm_compat.install_runner_glue)"
                 )
             stages = md.stage_metadata(
-                plan, device_plan, ctx.attn_metadata, self.attention_groups, self.batch.block_tables, self.mamba_names
+                plan, device_plan, ctx.attn_metadata, self.attention_groups, self.batch.block_tables, self.stage_layers
             )
         orig_rows = torch.arange(total, device=hidden.device)
         kept = history = None
@@ -180,6 +178,18 @@ class ReducibleNemotronHModel(NemotronHModel):
         return out.index_copy_(0, orig_rows, hidden)
 
     # ------------------------------------------------------------------ pieces
+
+    def _layers_by_stage(self) -> tuple[md.StageLayers, ...]:
+        """Per stage, the names its attention and Mamba2 layers read metadata under."""
+        attention: list[set[str]] = [set() for _ in range(len(self.boundaries) + 1)]
+        mamba: list[list[str]] = [[] for _ in range(len(self.boundaries) + 1)]
+        for block, layer in enumerate(self.layers):
+            stage = sum(boundary < block for boundary in self.boundaries)
+            if isinstance(layer, NemotronHAttentionDecoderLayer):
+                attention[stage].add(layer.mixer.attn.layer_name)
+            elif isinstance(layer, NemotronHMambaDecoderLayer):
+                mamba[stage].append(layer.mixer.prefix)
+        return tuple(md.StageLayers(frozenset(a), tuple(m)) for a, m in zip(attention, mamba, strict=True))
 
     def _schedule(self, config: ReductionConfig) -> Schedule:
         key = config.model_dump_json()
