@@ -32,7 +32,20 @@ MLP block ("-"), squared ReLU, no gate
 "linear" = 1, 2, 4, 5, 7, 8 (2 x weight parameters per row); "scan" = 3; "attention" = 6.
 Not counted: norms, activations, gating, the embedding lookup, the LM head (vLLM
 computes logits for the last prompt row only), and the reduction's own scoring
-(|Q| query rows against the visual tokens per scoring block: small for short Q).
+(`scoring_flops`, reported beside it).
+
+Scoring (the reduction's own work), per scoring block of a stage whose scores a drop uses,
+for k visual tokens, Q question rows and L = T + k keys:
+  Mamba2 proxy  |C_t . B_s| per group                               2 Q k G N
+  attention     question rows' logits over every key, per head       2 Q L H_a d_h
+
+Vision tower (`VisionDims`; runs on every frame, before the LLM: no reduction, nor EVS,
+shortens it), per frame of p = (side / patch)^2 patches and s = p + prefix tokens:
+  patch embedding  (p, 3 patch^2) @ (3 patch^2, w)                   2 p 3 patch^2 w
+  per ViT block    qkv, proj, fc1, fc2 (s rows)                      2 s (4 w^2 + 2 w m)
+                   full attention, Q K^T and P V                    4 s^2 w
+  mlp1 projector   p r^2 rows of the pixel-shuffled (r = 0.5) patches
+                   (4w -> h_p -> d)                                  2 p r^2 (4 w h_p + h_p d)
 
 Reduced prefill: block b of stage j processes L_b = T + k_j rows (all T text tokens,
 k_j visual tokens, k_0 = the visual tokens entering the LLM: V, or EVS's count), and
@@ -138,6 +151,78 @@ NANO_12B_V2 = ModelDims(
 
 
 @dataclass(frozen=True)
+class VisionDims:
+    """The vision tower's sizes that FLOPs depend on: RADIO ViT (pre-norm blocks, full
+    attention over a frame's patches and prefix tokens) and the `mlp1` projector."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    layers: int
+    mlp: int
+    prefix_tokens: int  # cls token(s) + registers, dropped after the ViT
+    projector_hidden: int
+    llm_hidden: int
+    downsample: float = 0.5
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "VisionDims":
+        from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig, radio_config_from
+
+        config = NemotronNanoVLConfig.from_pretrained(path)
+        radio = radio_config_from(config)
+        return cls(
+            image_size=config.force_image_size,
+            patch_size=config.patch_size,
+            width=radio.hidden_size,
+            layers=radio.num_hidden_layers,
+            mlp=radio.intermediate_size,
+            prefix_tokens=_radio_prefix_tokens(dict(config.vision_config.args)),
+            projector_hidden=config.projector_hidden_size,
+            llm_hidden=config.text_config.hidden_size,
+            downsample=config.downsample_ratio,
+        )
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _radio_prefix_tokens(args: dict) -> int:
+    """cls tokens (one per teacher, or one) padded with registers to `register_multiple`
+    (vLLM's radio.py rule)."""
+    cls_tokens = len(args.get("teachers", ())) if args.get("cls_token_per_teacher") else 1
+    multiple = args.get("register_multiple") or 0
+    return cls_tokens + (multiple - cls_tokens % multiple if multiple else 0)
+
+
+# The vision tower of Nemotron Nano 12B v2 VL: RADIO ViT-H/16 (timm's vit_huge_patch16_224
+# sizes) at 512 px frames, 8 prefix tokens (cls per teacher + registers, the layout of the
+# checkpoints built here), projector 4096 wide into the 5120-wide LLM.
+RADIO_H_512 = VisionDims(
+    image_size=512,
+    patch_size=16,
+    width=1280,
+    layers=32,
+    mlp=5120,
+    prefix_tokens=8,
+    projector_hidden=4096,
+    llm_hidden=5120,
+)
+
+
+def vision_flops_per_frame(v: VisionDims) -> float:
+    """Patch embedding, ViT blocks, projector for one frame (see the module docstring)."""
+    patches = (v.image_size // v.patch_size) ** 2
+    rows = patches + v.prefix_tokens
+    embed = 2 * patches * 3 * v.patch_size**2 * v.width
+    blocks = v.layers * (2 * rows * (4 * v.width**2 + 2 * v.width * v.mlp) + 4 * rows**2 * v.width)
+    shuffled = int(patches * v.downsample**2)
+    wide = int(v.width / v.downsample**2)
+    projector = 2 * shuffled * (wide * v.projector_hidden + v.projector_hidden * v.llm_hidden)
+    return float(embed + blocks + projector)
+
+
+@dataclass(frozen=True)
 class PromptTokens:
     """One request's prompt as the language model sees it."""
 
@@ -222,6 +307,35 @@ def prefill_flops(dims: ModelDims, prompt: PromptTokens, config: ReductionConfig
     return total
 
 
+def scoring_flops(dims: ModelDims, prompt: PromptTokens, config: ReductionConfig) -> float:
+    """The reduction's scoring work in one reduced prefill (see the module docstring):
+    the scoring blocks of every stage that ends with a drop. (The plugin also scores a
+    stage without scoring blocks' predecessor for a later drop; the Nano pattern has
+    scoring blocks in every stage.)"""
+    from vllm_stateful_reduce.schedule import SCORING_KINDS
+
+    per_block = visual_per_block(dims.pattern, prompt, config)
+    if per_block[-1] == prompt.visual or config.selection != "scores":
+        return 0.0
+    boundaries = build_schedule(dims.pattern, config).boundaries
+    edges = [-1, *boundaries, len(dims.pattern) - 1]
+    total = 0.0
+    for stage in range(len(boundaries)):
+        blocks = range(edges[stage] + 1, edges[stage + 1] + 1)
+        if per_block[edges[stage + 1] + 1] == per_block[edges[stage + 1]]:
+            continue  # no drop after this stage
+        for b in blocks:
+            kind = SCORING_KINDS.get(dims.pattern[b])
+            if kind is None or config.score_layers not in ("all", kind):
+                continue
+            k = per_block[b]
+            if dims.pattern[b] == "M":
+                total += 2 * prompt.query * k * dims.groups * dims.state
+            else:
+                total += 2 * prompt.query * (prompt.text + k) * dims.attention_heads * dims.head_dim
+    return total
+
+
 def reduction_ratio(dims: ModelDims, prompt: PromptTokens, config: ReductionConfig) -> dict[str, float]:
     """Unreduced / reduced FLOPs: the speedup a compute-bound prefill would get, in
     total and per part (linear, scan, attention core)."""
@@ -233,3 +347,10 @@ def reduction_ratio(dims: ModelDims, prompt: PromptTokens, config: ReductionConf
         "attention": full.attention / reduced.attention if reduced.attention else math.nan,
         "attention_share_unreduced": full.attention / full.total,
     }
+
+
+def with_vision_ratio(dims: ModelDims, vision: VisionDims, prompt: PromptTokens, config: ReductionConfig) -> float:
+    """Unreduced / reduced FLOPs of vision tower + LLM prefill: what a compute-bound
+    time to first token would gain (the tower's work is the same on both sides)."""
+    tower = prompt.visual // prompt.tokens_per_frame * vision_flops_per_frame(vision)
+    return (tower + prefill_flops(dims, prompt).total) / (tower + prefill_flops(dims, prompt, config).total)

@@ -81,7 +81,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.flop_model import NANO_12B_V2, NANO_12B_V2_PATTERN, ModelDims, PromptTokens, reduction_ratio  # noqa: E402
+from benchmarks.flop_model import (  # noqa: E402
+    NANO_12B_V2,
+    NANO_12B_V2_PATTERN,
+    RADIO_H_512,
+    ModelDims,
+    PromptTokens,
+    prefill_flops,
+    reduction_ratio,
+    scoring_flops,
+    with_vision_ratio,
+)
 from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec, build_checkpoint, export_language_model  # noqa: E402
 
 BUDGETS = (0.5, 0.35, 0.25)
@@ -310,6 +320,11 @@ def summarise_length(raw: dict[str, list[dict]], prompt: PromptTokens, dims: Mod
                 )
             entry["flop_ratio"] = reduction_ratio(dims, prompt, config)
             entry["flop_ratio_12b"] = reduction_ratio(NANO_12B_V2, prompt, config)
+            # the 12B VL's time to first token also runs its RADIO-H tower on every frame
+            entry["flop_ratio_12b_with_vision"] = with_vision_ratio(NANO_12B_V2, RADIO_H_512, prompt, config)
+            # scoring's FLOPs per FLOP of the reduced prefill: what the overhead would be at equal speed
+            entry["scoring_flop_share"] = scoring_share(dims, prompt, config)
+            entry["scoring_flop_share_12b"] = scoring_share(NANO_12B_V2, prompt, config)
             entry["efficiency"] = entry["speedup"]["median"] / entry["flop_ratio"]["total"]
             if entry["speedup_forward"] is not None:
                 entry["efficiency_forward"] = entry["speedup_forward"]["median"] / entry["flop_ratio"]["total"]
@@ -319,6 +334,10 @@ def summarise_length(raw: dict[str, list[dict]], prompt: PromptTokens, dims: Mod
                 entry["efficiency_ceiling"] = entry["ttft_model_ratio"] / entry["flop_ratio"]["total"]
         out[name] = entry
     return out
+
+
+def scoring_share(dims: ModelDims, prompt: PromptTokens, config) -> float:
+    return scoring_flops(dims, prompt, config) / prefill_flops(dims, prompt, config).total
 
 
 def fixed_time_ratio(off: dict, lm_ratio: float) -> float:
@@ -505,6 +524,7 @@ def build_summary(report: dict) -> dict:
         "speedup_at_25_forward": ours["speedup_forward"]["median"] if ours["speedup_forward"] else None,
         "theoretical_ratio_at_25": ours["flop_ratio"]["total"],
         "theoretical_ratio_at_25_12b": ours["flop_ratio_12b"]["total"],
+        "theoretical_ratio_at_25_12b_with_vision": ours["flop_ratio_12b_with_vision"],
         "efficiency_at_25": ours["efficiency"],
         "efficiency_at_25_forward": ours.get("efficiency_forward"),
         "overhead_fraction": ours["overhead_fraction"]["median"] if ours["overhead_fraction"] else None,
@@ -521,6 +541,7 @@ def build_summary(report: dict) -> dict:
                 for key in ("efficiency", "efficiency_forward", "efficiency_ttft_model", "efficiency_ceiling")
             }
             | {"overhead_fraction": (block["configs"]["ours_25"]["overhead_fraction"] or {}).get("median")}
+            | {key: block["configs"]["ours_25"][key] for key in ("scoring_flop_share", "scoring_flop_share_12b")}
             for length, block in report["prefill"].items()
         },
     }
@@ -546,9 +567,17 @@ def print_tables(report: dict) -> None:
             line += f"{fwd['median']:>8.2f}x{e['efficiency_forward']:>7.2f}" if fwd else f"{'-':>9}{'-':>7}"
             line += f"{100 * ovh['median']:>7.1f}" if ovh else f"{'-':>7}"
             print(line + f"{e['flop_ratio_12b']['total']:>9.2f}")
-        ceiling = block["configs"]["ours_25"].get("efficiency_ceiling")
-        if ceiling is not None:
-            print(f"ours_25 TTFT efficiency of a perfect reduction (time outside the LM as off's): {ceiling:.3f}")
+        ours = block["configs"]["ours_25"]
+        if ours.get("efficiency_ceiling") is not None:
+            print(
+                f"ours_25 TTFT efficiency of a perfect reduction (time outside the LM as off's): "
+                f"{ours['efficiency_ceiling']:.3f}"
+            )
+        print(
+            f"ours_25 scoring FLOPs per reduced-prefill FLOP: {100 * ours['scoring_flop_share']:.2f}% here, "
+            f"{100 * ours['scoring_flop_share_12b']:.3f}% at 12B; 12B FLOP ratio with its RADIO-H tower "
+            f"{ours['flop_ratio_12b_with_vision']:.2f}x (LLM alone {ours['flop_ratio_12b']['total']:.2f}x)"
+        )
     d, b, t = report["decode"], report["batch"], report["plugin_tax"]
     print(
         f"\ndecode after {d['visual_tokens']} visual tokens: "

@@ -11,19 +11,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import NemotronHForCausalLM
 
 from benchmarks.flop_model import (
     NANO_12B_V2,
+    RADIO_H_512,
     ModelDims,
     PromptTokens,
+    VisionDims,
     attention_core_flops,
     block_flops,
     prefill_flops,
     reduction_ratio,
     scan_flops,
+    scoring_flops,
+    vision_flops_per_frame,
     visual_per_block,
+    with_vision_ratio,
 )
 from vllm_stateful_reduce.config import parse
 from vllm_stateful_reduce.schedule import build_schedule
@@ -225,5 +231,61 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     # a perfect reduction still pays off's time outside the LM: below 1, and by exactly that
     assert 0.3 < at["efficiency_ceiling"] < 1.0, at
     assert at["efficiency_ceiling"] * at["efficiency_ttft_model"] == pytest.approx(at["efficiency"], rel=1e-9), at
+    # scoring is a sliver of the reduced prefill's FLOPs, relatively ~4x less at 12B's widths
+    assert 0 < at["scoring_flop_share_12b"] < at["scoring_flop_share"] < 0.05, at
+    assert 1 < s["theoretical_ratio_at_25_12b_with_vision"] < configs["ours_25"]["flop_ratio_12b"]["total"], s
     assert report["batch"]["all_prefilled_in_one_step"], report["batch"]
     assert "off" in run.stdout and "plugin tax" in run.stdout  # the terminal table
+
+
+def test_vision_flop_model_matches_the_counter_on_the_reference_tower(tmp_path: Path) -> None:
+    """The tower's FLOPs per frame against FlopCounterMode on the oracle's RADIO ViT +
+    projector (matmuls, linears and SDPA; exact), and the 12B tower's share of a frame."""
+    from vllm_stateful_reduce.testing.checkpoint import build_checkpoint
+    from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
+
+    checkpoint = build_checkpoint(tmp_path / "vl", TINY)
+    vision = VisionDims.from_checkpoint(checkpoint)
+    reference = ReferenceNanoVL(checkpoint)
+    frames = torch.randn(3, 3, TINY.image_size, TINY.image_size)
+    # the math SDPA (two bmm the counter sees; it has no formula for the CPU flash kernel)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        reference.vision_embeddings(frames)
+    assert vision.prefix_tokens == reference.vit["model.patch_generator.cls_token.token"].shape[0]
+    assert counter.get_total_flops() == 3 * vision_flops_per_frame(vision)
+    # the real tower is ~1/5 of an unreduced frame's work: it caps what the LLM's reduction
+    # can do for the time to first token (3.6x on the LLM, ~2.4x with the tower)
+    prompt = PromptTokens(visual=64 * 256, text=64 * 13 + 40, query=30)
+    frame_share = (
+        vision_flops_per_frame(RADIO_H_512)
+        * 64
+        / (vision_flops_per_frame(RADIO_H_512) * 64 + prefill_flops(NANO_12B_V2, prompt).total)
+    )
+    assert 0.15 < frame_share < 0.25, frame_share
+    config = parse({"budget": 0.25})
+    lm = reduction_ratio(NANO_12B_V2, prompt, config)["total"]
+    end_to_end = 1 / (frame_share + (1 - frame_share) / lm)
+    assert with_vision_ratio(NANO_12B_V2, RADIO_H_512, prompt, config) == pytest.approx(end_to_end)
+    print(f"12B tower share {frame_share:.3f}; LLM {lm:.2f}x, with the tower {end_to_end:.2f}x")
+
+
+def test_scoring_flops_follow_the_schedule() -> None:
+    """Scoring work: the scoring blocks of stages that end with a drop, at their widths."""
+    config = parse({"budget": 0.25})
+    prompt = NANO_PROMPT
+    per_block = visual_per_block(NANO_12B_V2.pattern, prompt, config)
+    d = NANO_12B_V2
+    expected = 0.0
+    for b, kind in enumerate(d.pattern[:-8]):  # the last stage (8 blocks) drops nothing after it
+        k = per_block[b]
+        if kind == "M":
+            expected += 2 * prompt.query * k * d.groups * d.state
+        elif kind == "*":
+            expected += 2 * prompt.query * (prompt.text + k) * d.attention_heads * d.head_dim
+    assert scoring_flops(d, prompt, config) == expected > 0
+    assert scoring_flops(d, prompt, parse({"budget": 0.25, "score_layers": "attention"})) < expected
+    assert scoring_flops(d, prompt, parse({"evs_rate": 0.5, "budget": 1.0})) == 0.0
+    assert scoring_flops(d, prompt, parse({"budget": 0.25, "selection": "random"})) == 0.0
+    # small next to the reduced prefill at 12B, ~4x more so at the benchmark's narrow layout
+    share = scoring_flops(d, prompt, config) / prefill_flops(d, prompt, config).total
+    assert share < 0.002, share
