@@ -630,6 +630,10 @@ def plot(report: dict, path: Path) -> None:
         right.plot(lengths, model, ls="--", color=colours[name], alpha=0.7)
     model_12b = [report["prefill"][str(length)]["configs"]["ours_25"]["flop_ratio_12b"]["total"] for length in lengths]
     right.plot(lengths, model_12b, ls=":", color="black", label="ours_25, FLOP model of Nano 12B v2")
+    with_tower = [
+        report["prefill"][str(length)]["configs"]["ours_25"]["flop_ratio_12b_with_vision"] for length in lengths
+    ]
+    right.plot(lengths, with_tower, ls="-.", color="black", label="ours_25, 12B v2 VL with its vision tower")
     right.plot([], [], ls="--", color="grey", label="FLOP model (this checkpoint)")
     for ax in (left, right):
         ax.set_xscale("log", base=2)
