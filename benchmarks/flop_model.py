@@ -167,7 +167,7 @@ class VisionDims:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "VisionDims":
-        from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig, radio_config_from
+        from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig, radio_config_from, radio_prefix_tokens
 
         config = NemotronNanoVLConfig.from_pretrained(path)
         radio = radio_config_from(config)
@@ -177,22 +177,11 @@ class VisionDims:
             width=radio.hidden_size,
             layers=radio.num_hidden_layers,
             mlp=radio.intermediate_size,
-            prefix_tokens=_radio_prefix_tokens(dict(config.vision_config.args)),
+            prefix_tokens=radio_prefix_tokens(dict(config.vision_config.args)),
             projector_hidden=config.projector_hidden_size,
             llm_hidden=config.text_config.hidden_size,
             downsample=config.downsample_ratio,
         )
-
-    def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def _radio_prefix_tokens(args: dict) -> int:
-    """cls tokens (one per teacher, or one) padded with registers to `register_multiple`
-    (vLLM's radio.py rule)."""
-    cls_tokens = len(args.get("teachers", ())) if args.get("cls_token_per_teacher") else 1
-    multiple = args.get("register_multiple") or 0
-    return cls_tokens + (multiple - cls_tokens % multiple if multiple else 0)
 
 
 # The vision tower of Nemotron Nano 12B v2 VL: RADIO ViT-H/16 (timm's vit_huge_patch16_224

@@ -67,15 +67,15 @@ class StageBuilders:
         return self.group.kv_cache_spec.block_size
 
 
-def logical_positions(plan: StepPlan, device_plan: DevicePlan, first: int) -> torch.Tensor:
-    """(2, rows) request index and logical position of every row of stages first.. (their
+def logical_positions(plan: StepPlan, device_plan: DevicePlan, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows,) request index and logical position of every row of stages first.. (their
     rows one stage after the other), on the device, for all those stages in one go."""
     counts = device_plan.rows[first:].flatten()  # (stages x R,) rows of each (stage, request)
     total = int(plan.rows[first:].sum())
     owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts, output_size=total)
     offset = torch.arange(total, device=counts.device) - (torch.cumsum(counts, 0) - counts)[owner]
     logical = device_plan.num_computed[first:].flatten()[owner] + offset
-    return torch.stack([owner % plan.rows.shape[1], logical])
+    return owner % plan.rows.shape[1], logical
 
 
 def logical_slots(
@@ -163,10 +163,8 @@ def stage_metadata(
     first = changing[0]  # rows and keys never grow with depth: every later stage changes too
     request, logical = logical_positions(plan, device_plan, first)
     bounds = np.concatenate([[0], np.cumsum(plan.rows[first:].sum(1))])
-    slots = {  # by KV-cache group
-        g.kv_cache_group_id: logical_slots(block_tables[g.kv_cache_group_id], request, logical, g.block_size)
-        for g in attention
-    }
+    block_sizes = {g.kv_cache_group_id: g.block_size for g in attention}  # groups may share one
+    slots = {kv: logical_slots(block_tables[kv], request, logical, size) for kv, size in block_sizes.items()}
     for stage in changing:
         rows = slice(int(bounds[stage - first]), int(bounds[stage - first + 1]))
         stage_md: StageMetadata = {}

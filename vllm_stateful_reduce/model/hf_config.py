@@ -132,6 +132,14 @@ class SizedRadioConfig(RadioConfig):
         ) = dims
 
 
+def radio_prefix_tokens(args: dict) -> int:
+    """Tokens RADIO puts before the patches (and drops after the ViT): cls tokens (one per
+    teacher, or one) padded with registers to `register_multiple` (vLLM's radio.py rule)."""
+    cls_tokens = len(args.get("teachers", ())) if args.get("cls_token_per_teacher") else 1
+    multiple = args.get("register_multiple") or 0
+    return cls_tokens + (multiple - cls_tokens % multiple if multiple else 0)
+
+
 def radio_config_from(config: NemotronNanoVLConfig) -> SizedRadioConfig:
     """Build the RADIO config the way vLLM's in-tree Nano VL model does."""
     vision = config.vision_config

@@ -64,9 +64,6 @@ class ReducibleNemotronHModel(NemotronHModel):
         self.batch = RunnerBatch()  # set by the runner glue before each forward
         self.attention_groups: tuple[md.StageBuilders, ...] | None = None  # bound by the runner glue
         self._schedules: dict[str, Schedule] = {}  # by config; a schedule is a bisection
-        self.attention_names = [
-            layer.mixer.attn.layer_name for layer in self.layers if isinstance(layer, NemotronHAttentionDecoderLayer)
-        ]
         self.stage_layers = self._layers_by_stage()
         for layer in self.layers:
             if isinstance(layer, NemotronHMambaDecoderLayer) and layer.mixer.n_groups % layer.mixer.tp_size:
@@ -288,7 +285,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         """Take the runner's attention groups of this stack's layers and make every
         stage's metadata builders now, while the runner makes its own (before the KV
         cache tensors are allocated); refuse a backend whose metadata is not rebuilt."""
-        mine = set(self.attention_names)
+        mine = set().union(*(stage.attention for stage in self.stage_layers))
         ours = [g for g in groups if mine & set(g.layer_names)]
         problem = attention_backend_problem(ours)
         if problem is not None:

@@ -21,10 +21,12 @@ from safetensors.torch import load_file, save_file
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
 from .. import ARCHITECTURE
-from ..model.hf_config import NemotronNanoVLConfig
+from ..model.hf_config import NemotronNanoVLConfig, radio_prefix_tokens
 from .tokenizer import build_tokenizer
 
 TEACHERS = [{"name": "clip", "use_summary": True}, {"name": "siglip", "use_summary": True}]
+# RADIO's prefix tokens: a cls token per teacher, registers up to a multiple of 8 (8 in all)
+PREFIX_ARGS = {"register_multiple": 8, "teachers": TEACHERS, "cls_token_per_teacher": True}
 
 
 @dataclass
@@ -92,9 +94,7 @@ class CheckpointSpec:
                 "num_attention_heads": self.vit_heads,
                 "intermediate_size": self.vit_mlp,
                 "cpe_max_size": self.image_size,
-                "register_multiple": 8,
-                "teachers": TEACHERS,
-                "cls_token_per_teacher": True,
+                **PREFIX_ARGS,
             },
         }
         return NemotronNanoVLConfig(
@@ -115,8 +115,7 @@ class CheckpointSpec:
 def vision_tensors(spec: CheckpointSpec, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """RADIO (timm ViT) tensors under the checkpoint's names, incl. buffers vLLM skips."""
     d, i, p = spec.vit_hidden_size, spec.vit_mlp, spec.patch_size
-    num_cls = len(TEACHERS)
-    skip = num_cls + (8 - num_cls % 8)  # cls tokens + registers (register_multiple 8)
+    skip = radio_prefix_tokens(PREFIX_ARGS)  # cls tokens + registers
     grid = (spec.image_size // p) ** 2
 
     def rand(*shape: int, std: float = 0.02) -> torch.Tensor:
@@ -129,7 +128,7 @@ def vision_tensors(spec: CheckpointSpec, gen: torch.Generator) -> dict[str, torc
         "model.patch_generator.cls_token.token": rand(skip, d),
         "input_conditioner.norm_mean": torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1),
         "input_conditioner.norm_std": torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1),
-        "summary_idxs": torch.arange(num_cls),
+        "summary_idxs": torch.arange(len(TEACHERS)),  # one cls token per teacher
     }
     for layer in range(spec.vit_layers):
         b = f"model.blocks.{layer}."
