@@ -51,17 +51,23 @@ from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec, build_checkp
 from vllm_stateful_reduce.testing.encoding import Encoder
 from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
 from vllm_stateful_reduce.testing.tasks import FAMILIES, TEST_SEEDS, TRAIN_SEEDS, Example, make_example
+from vllm_stateful_reduce.testing.tokenizer import ORDERS
 from vllm_stateful_reduce.testing.video_files import codec_roundtrip
 
 
 def batch_logits(
-    model: ReferenceNanoVL, enc: Encoder, examples: list[Example], reduction: ReductionConfig | None = None
+    model: ReferenceNanoVL,
+    enc: Encoder,
+    examples: list[Example],
+    reduction: ReductionConfig | None = None,
+    orders: list[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher-forced logits for prompt + answer; returns (logits, targets, answer mask).
-    With `reduction`, each example's visual tokens are dropped as the reference's reduced
-    forward selects them for its prompt (finetuning under reduction)."""
+    `orders`: each example's prompt order (default video first). With `reduction`, each
+    example's visual tokens are dropped as the reference's reduced forward selects them
+    for its prompt (finetuning under reduction)."""
     answers = [enc.answer_ids(e) for e in examples]
-    prompts = [enc.prompt_ids(e) for e in examples]
+    prompts = [enc.prompt_ids(e, o) for e, o in zip(examples, orders or ["video_first"] * len(examples), strict=True)]
     seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
     length = max(len(s) for s in seqs)
     # right padding: causal attention and the causal scan never look ahead at it
@@ -97,10 +103,14 @@ def match_visual_scale(model: ReferenceNanoVL, enc: Encoder, family: str) -> Non
 
 @torch.no_grad()
 def answered(
-    model: ReferenceNanoVL, enc: Encoder, examples: list[Example], reduction: ReductionConfig | None = None
+    model: ReferenceNanoVL,
+    enc: Encoder,
+    examples: list[Example],
+    reduction: ReductionConfig | None = None,
+    order: str = "video_first",
 ) -> torch.Tensor:
     """Per example: is every answer token the argmax (exact match, teacher forced)."""
-    logits, targets, answer = batch_logits(model, enc, examples, reduction)
+    logits, targets, answer = batch_logits(model, enc, examples, reduction, [order] * len(examples))
     return ((logits.argmax(-1) == targets) | ~answer).all(dim=1)
 
 
@@ -111,12 +121,13 @@ def accuracy(
     per_kind: int,
     reduction: ReductionConfig | None = None,
     family: str = "short",
+    order: str = "video_first",
 ) -> dict[str, float]:
     kinds = FAMILIES[family].kinds
     out = {}
     for kind in kinds:
         examples = [make_example(s, kind=kind, family=family) for s in seeds[:per_kind]]
-        out[kind] = answered(model, enc, examples, reduction).float().mean().item()
+        out[kind] = answered(model, enc, examples, reduction, order).float().mean().item()
     out["mean"] = sum(out[k] for k in kinds) / len(kinds)
     return out
 
@@ -165,6 +176,18 @@ def main() -> None:
         default=0.0,
         help="share of training videos sent through an MP4 encode/decode first, as served videos are",
     )
+    parser.add_argument(
+        "--order",
+        choices=[*ORDERS, "mixed"],
+        default="video_first",
+        help="where the question stands relative to the video; mixed draws one per example (and evaluates both)",
+    )
+    parser.add_argument(
+        "--kinds",
+        type=lambda v: v.split(","),
+        help="task kinds cycled through the examples, repeats weigh a kind up (default: the task's), "
+        "e.g. after,after,colour_of",
+    )
     parser.add_argument("--init", type=Path, help="start from this checkpoint instead of a random one (finetuning)")
     parser.add_argument(
         "--budgets",
@@ -194,7 +217,15 @@ def main() -> None:
     curriculum = args.frames or [FAMILIES[args.task].num_frames]
     reduction = lambda budget: ReductionConfig(**{"min_keep": 1} | args.reduction | {"budget": budget})  # noqa: E731
     reductions = [None if b == 1.0 else reduction(b) for b in args.budgets]
-    watch = {"full": None} | ({"25%": reduction(0.25)} if any(reductions) else {})
+    # held-out accuracy per (name, reduction, order); video-first keeps the unprefixed names
+    eval_orders = ORDERS if args.order == "mixed" else (args.order,)
+    watch = {
+        (name if order == "video_first" else f"{order} {name}"): (r, order)
+        for order in eval_orders
+        for name, r in {"full": None, **({"25%": reduction(0.25)} if any(reductions) else {})}.items()
+    }
+    full = "full" if "full" in watch else f"{eval_orders[0]} full"
+    kinds = args.kinds or FAMILIES[args.task].kinds
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     step, seed, history = 0, TRAIN_SEEDS.start, []
     held_out = TEST_SEEDS[:10_000]  # the benchmark draws its test split from TEST_SEEDS too
@@ -208,16 +239,23 @@ def main() -> None:
         # videos (no distractors) teach reading colour and shape, cluttered ones selection
         frames = frames_at(step, args.steps, curriculum)
         examples = [
-            make_example(seed + i, num_frames=frames, clutter=clutter, family=args.task)
+            make_example(
+                seed + i, num_frames=frames, kind=kinds[(seed + i) % len(kinds)], clutter=clutter, family=args.task
+            )
             for i, clutter in enumerate(torch.rand(args.batch).mul(0.6).tolist())
         ]
+        orders = [ORDERS[int(b)] for b in torch.randint(2, (args.batch,))] if args.order == "mixed" else None
         examples = [
             replace(e, frames=codec_roundtrip(e.frames)) if r < args.codec_share else e
             for e, r in zip(examples, torch.rand(args.batch).tolist(), strict=True)
         ]
         seed += args.batch
         logits, targets, answer = batch_logits(
-            model, enc, examples, reductions[int(torch.randint(len(reductions), ()))]
+            model,
+            enc,
+            examples,
+            reductions[int(torch.randint(len(reductions), ()))],
+            orders or [args.order] * args.batch,
         )
         loss = F.cross_entropy(logits[answer], targets[answer])
         opt.zero_grad()
@@ -227,11 +265,14 @@ def main() -> None:
         step += 1
         if step % args.eval_every == 0:
             model.eval()
-            acc = {name: accuracy(model, enc, held_out, args.eval_examples, r, args.task) for name, r in watch.items()}
+            acc = {
+                name: accuracy(model, enc, held_out, args.eval_examples, r, args.task, o)
+                for name, (r, o) in watch.items()
+            }
             model.train()
             history.append(
-                {"step": step, "frames": frames, "loss": loss.item(), **acc["full"]}
-                | {f"{name} {k}": v for name, a in acc.items() if name != "full" for k, v in a.items()}
+                {"step": step, "frames": frames, "loss": loss.item(), **acc[full]}
+                | {f"{name} {k}": v for name, a in acc.items() if name != full for k, v in a.items()}
             )
             left = (time.monotonic() - began) / step * (args.steps - step) / 60
             shown = "  ".join(f"{name}: " + " ".join(f"{k} {v:.2f}" for k, v in a.items()) for name, a in acc.items())
@@ -241,7 +282,9 @@ def main() -> None:
             )
 
     model.eval()
-    final = {name: accuracy(model, enc, held_out, 2 * args.eval_examples, r, args.task) for name, r in watch.items()}
+    final = {
+        name: accuracy(model, enc, held_out, 2 * args.eval_examples, r, args.task, o) for name, (r, o) in watch.items()
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     for f in start_ckpt.iterdir():
         if f.name not in ("model.safetensors", "training.json", "README.md"):

@@ -12,7 +12,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from vllm_stateful_reduce.model.hf_config import IMG_CONTEXT
+from vllm_stateful_reduce.model.tokens import IMG_CONTEXT
 from vllm_stateful_reduce.testing.launch import running_server
 
 from .helpers import video_part

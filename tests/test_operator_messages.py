@@ -22,6 +22,7 @@ from .helpers import engine_kwargs
         ({"budget": None}, "stateful_reduce.budget must be a number in (0, 1], got null"),
         ({"budget": float("nan")}, "stateful_reduce.budget must be a number in (0, 1], got NaN"),
         ({"evs_rate": 1.0}, "stateful_reduce.evs_rate must be in [0, 1), got 1.0"),
+        ({"modalities": ["audio"]}, 'stateful_reduce.modalities must be a list of "video", "image", got ["audio"]'),
         ({"min_keep": 0}, "stateful_reduce.min_keep must be an integer >= 1, got 0"),
         ({"sigmoid_temperature": 0}, "stateful_reduce.sigmoid_temperature must be a number > 0, got 0"),
         ({"enabled": "yes"}, 'stateful_reduce.enabled must be true or false, got "yes"'),
@@ -44,6 +45,14 @@ def test_global_config_errors_say_field_allowed_and_received(raw, message) -> No
     with pytest.raises(ConfigError) as err:
         parse(raw)
     assert str(err.value).startswith(message), str(err.value)
+
+
+def test_global_evs_rate_points_at_vllms_flag() -> None:
+    """EVS for every request is vLLM's --video-pruning-rate (the processor applies it)."""
+    from vllm_stateful_reduce.config import from_additional_config
+
+    with pytest.raises(ConfigError, match="for every request use vLLM's --video-pruning-rate"):
+        from_additional_config({"stateful_reduce": {"evs_rate": 0.5}})
 
 
 def test_received_values_and_names_are_truncated() -> None:

@@ -11,10 +11,10 @@ from vllm_stateful_reduce.config import parse
 from vllm_stateful_reduce.plan import VisualTokens, plan_step
 from vllm_stateful_reduce.schedule import build_schedule
 from vllm_stateful_reduce.selection import Kept, compact, top_k
-from vllm_stateful_reduce.state import RequestInfo
+from vllm_stateful_reduce.state import MediaSpan, RequestInfo
 
 PATTERN = "M*-M-M*-M-M*-"  # boundaries after blocks 1, 6, 11: four stages
-VIS = VisualTokens(context_token_id=9, end_length=2, tokens_per_frame=4)
+VIS = VisualTokens(context_token_id=9)
 CONFIG = parse({"min_keep": 4})
 
 
@@ -26,10 +26,23 @@ def prompt(num_frames: int, question: int) -> list[int]:
     return ids + [8, 8] + [3] * question
 
 
-def info(req_id: str, ids: list[int], computed: int = 0, scheduled: int | None = None, config=CONFIG, outputs: int = 0):
-    return RequestInfo(
-        req_id, len(ids), config, computed, scheduled if scheduled is not None else len(ids) + outputs, ids
-    )
+def video_span(ids: list[int]) -> tuple[MediaSpan, ...]:
+    """The span `prompt` gives its video: from the first frame's text to `</img>`."""
+    visual = [i for i, t in enumerate(ids) if t == VIS.context_token_id]
+    return (MediaSpan("video", 2, visual[-1] + 3 - 2),) if visual else ()
+
+
+def info(
+    req_id: str,
+    ids: list[int],
+    computed: int = 0,
+    scheduled: int | None = None,
+    config=CONFIG,
+    outputs: int = 0,
+    media: tuple[MediaSpan, ...] | None = None,
+):
+    scheduled = scheduled if scheduled is not None else len(ids) + outputs
+    return RequestInfo(req_id, len(ids), config, computed, scheduled, ids, video_span(ids) if media is None else media)
 
 
 def schedule_for(config):

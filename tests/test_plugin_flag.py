@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from vllm_stateful_reduce import ARCHITECTURE
+from vllm_stateful_reduce import ARCHITECTURE, HF_OVERRIDES
 from vllm_stateful_reduce.testing.launch import plugin_flag_command, running_server
 from vllm_stateful_reduce.testing.video_files import video_data_url
 from vllm_stateful_reduce.vllm_compat import PluginFlagError
@@ -86,7 +86,7 @@ def test_user_hf_overrides_are_kept(serve_parser, real_layout_checkpoint) -> Non
     args = engine_args(serve_parser, ["--model", model, "--plugin", "stateful-reduce", *cpu_args(model),
                                       "--hf-overrides", '{"vision_config": {"patch_size": 16}}'])  # fmt: skip
     args.create_model_config()
-    assert args.hf_overrides == {"vision_config": {"patch_size": 16}, "architectures": [ARCHITECTURE]}
+    assert args.hf_overrides == {"vision_config": {"patch_size": 16}, **HF_OVERRIDES}
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""The video processor without an engine: pixels against PIL, token layout, errors."""
+"""The image and video processor without an engine: pixels against PIL, the tiling
+rule against a table of grids computed by hand, token layout (EVS too), errors."""
 
 import numpy as np
 import pytest
@@ -8,9 +9,11 @@ from transformers import AutoTokenizer
 
 from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 from vllm_stateful_reduce.model.processing import (
-    NanoVLVideoPreprocessor,
+    NanoVLPreprocessor,
     frames_to_pixel_values,
 )
+from vllm_stateful_reduce.model.tiling import image_tiles, num_tiles, tile_grid
+from vllm_stateful_reduce.testing.tokenizer import ORDERS
 
 from .helpers import chat_prompt, random_video, video_metadata
 
@@ -19,13 +22,17 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def pil_reference(frames: np.ndarray, size: int) -> np.ndarray:
     """Straightforward per-channel PIL bicubic resize (float mode) + normalisation."""
+    return pil_reference_hw(frames, size, size)
+
+
+def pil_reference_hw(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     out = np.stack(
         [
             np.stack(
                 [
                     np.asarray(
                         Image.fromarray(frame[..., c].astype(np.float32), mode="F").resize(
-                            (size, size), Image.Resampling.BICUBIC
+                            (width, height), Image.Resampling.BICUBIC
                         )
                     )
                     for c in range(3)
@@ -38,8 +45,8 @@ def pil_reference(frames: np.ndarray, size: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def processor(checkpoint) -> NanoVLVideoPreprocessor:
-    return NanoVLVideoPreprocessor(
+def processor(checkpoint) -> NanoVLPreprocessor:
+    return NanoVLPreprocessor(
         NemotronNanoVLConfig.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
     )
 
@@ -71,12 +78,12 @@ def test_frames_of_the_model_size_are_normalised_exactly(dtype: torch.dtype) -> 
 
 def test_videos_are_written_into_one_tensor_in_the_model_dtype(checkpoint) -> None:
     """Resized and unresized videos side by side, each as `frames_to_pixel_values` makes it."""
-    processor = NanoVLVideoPreprocessor(
+    processor = NanoVLPreprocessor(
         NemotronNanoVLConfig.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint), torch.bfloat16
     )
     size, c = processor.image_size, processor.config
     videos = [random_video(2, size, size, seed=1), random_video(3, size + 5, size - 3, seed=2)]
-    out = processor([(v, video_metadata(len(v))) for v in videos])["pixel_values_flat_video"]
+    out = processor(videos=[(v, video_metadata(len(v))) for v in videos])["pixel_values_flat_video"]
     expected = torch.cat([frames_to_pixel_values(v, size, c.norm_mean, c.norm_std).to(torch.bfloat16) for v in videos])
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
 
@@ -87,19 +94,19 @@ def test_placeholders_equal_visual_embeddings(processor, reference, num_frames: 
     repl = processor.video_replacement(num_frames, meta["frames_indices"], 250)
     ids = torch.tensor(repl.full)
     is_embed = repl.is_embed(repl.full)
-    pixels = processor([(random_video(num_frames), meta)])["pixel_values_flat_video"]
+    pixels = processor(videos=[(random_video(num_frames), meta)])["pixel_values_flat_video"]
     visual = reference.vision_embeddings(pixels)
     # one visual embedding per <image> slot, nothing else
     assert int(is_embed.sum()) == visual.shape[0] * visual.shape[1] == num_frames * processor.tokens_per_frame
-    assert torch.equal(is_embed, ids == processor.img_context_id)
+    assert torch.equal(is_embed, ids == processor.tokens.image_context)
     text = processor.tokenizer.decode(ids[~is_embed])
     expected = "\n".join(f"Frame {i + 1} sampled at {i * 0.25:.2f} seconds: <img></img>" for i in range(num_frames))
     assert text == expected
 
 
-def test_pixel_values_and_metadata(processor: NanoVLVideoPreprocessor) -> None:
+def test_pixel_values_and_metadata(processor: NanoVLPreprocessor) -> None:
     videos = [(random_video(n, seed=n), video_metadata(n)) for n in (2, 5)]
-    out = processor(videos)
+    out = processor(videos=videos)
     assert out["pixel_values_flat_video"].shape == (7, 3, 64, 64)
     assert out["video_num_patches"].tolist() == [2, 5]
     assert [f.tolist() for f in out["frames_indices"]] == [[0, 1], [0, 1, 2, 3, 4]]
@@ -118,16 +125,90 @@ def test_pixel_values_and_metadata(processor: NanoVLVideoPreprocessor) -> None:
 )
 def test_bad_videos_raise_value_error(processor, frames, meta, message) -> None:
     with pytest.raises(ValueError, match=message):
-        processor([(frames, meta)])
+        processor(videos=[(frames, meta)])
 
 
-def test_chat_template_places_video_placeholder(processor: NanoVLVideoPreprocessor) -> None:
-    parts = [{"type": "video_url", "video_url": {"url": "x"}}, {"type": "text", "text": "What?"}]
-    for content in (parts, "<video>\nWhat?"):
+@pytest.mark.parametrize("order", ORDERS)
+def test_chat_template_places_video_placeholder(processor: NanoVLPreprocessor, order: str) -> None:
+    """OpenAI content parts in either order render as `chat_prompt` says (and so as the
+    training encoder builds prompts)."""
+    text, video = {"type": "text", "text": "What?"}, {"type": "video_url", "video_url": {"url": "x"}}
+    parts = [video, text] if order == "video_first" else [text, video]
+    string = "<video>\nWhat?" if order == "video_first" else "What?<video>\n"
+    for content in (parts, string):
         rendered = processor.tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
-        assert rendered == chat_prompt("What?")
+        assert rendered == chat_prompt("What?", order=order)
+
+
+# (width, height, max_num_tiles) -> (columns, rows) by the InternVL rule, worked out by hand:
+# the grid of at most max_num_tiles tiles whose columns/rows is closest to width/height;
+# on a tie the larger grid when the image has more than half of its pixels.
+TILE_GRIDS = {
+    (512, 512, 12): (1, 1),  # square: 1x1 is the first ratio 1.0 (later ones only tie with more pixels)
+    (1024, 1024, 12): (2, 2),  # square with 4 tiles' pixels: ties move to 2x2 (> half of 4 tiles), not 3x3
+    (1536, 1536, 12): (3, 3),  # 9 tiles' pixels: up to 3x3 (2x2's 4, 3x3's 9 > half)
+    (1024, 512, 12): (2, 1),  # 2:1
+    (300, 700, 12): (2, 5),  # aspect 0.43: 2/5 = 0.4 is the closest (3/7 has 21 tiles)
+    (4000, 500, 12): (8, 1),  # 8:1 exactly
+    (4000, 500, 6): (6, 1),  # capped at 6 tiles: the widest grid
+    (700, 300, 1): (1, 1),  # one tile: the image squeezed, no thumbnail
+    (100, 60, 12): (3, 2),  # aspect 1.67: 3/2 = 1.5 is the closest (5/3 would need 15 tiles)
+}
+
+
+@pytest.mark.parametrize("wh_max,grid", TILE_GRIDS.items(), ids=[f"{w}x{h}-max{m}" for w, h, m in TILE_GRIDS])
+def test_tile_grid_follows_the_internvl_rule(wh_max, grid) -> None:
+    width, height, most = wh_max
+    assert tile_grid(width, height, 512, most) == grid
+    cols, rows = grid
+    assert num_tiles(width, height, 512, most, use_thumbnail=True) == cols * rows + (cols * rows > 1)
+
+
+def test_image_tiles_are_the_resized_image_cut_row_by_row() -> None:
+    """Tiles, in order, are the crops of one resize to the grid; the thumbnail is the
+    whole image resized to one tile (each resize checked against PIL's bicubic)."""
+    image = Image.fromarray(random_video(1, 70, 150, seed=3)[0])  # aspect 2.14 -> 2x1 tiles of 64
+    tiles = image_tiles(image, 64, 12, True, MEAN, STD)
+    assert tiles.shape == (3, 3, 64, 64)
+    frame = np.asarray(image)[None]
+    whole = pil_reference_hw(frame, 64, 128)
+    assert np.abs(tiles[0].numpy() - whole[0, :, :, :64]).max() < 2e-5
+    assert np.abs(tiles[1].numpy() - whole[0, :, :, 64:]).max() < 2e-5
+    assert np.abs(tiles[2].numpy() - pil_reference(frame, 64)[0]).max() < 2e-5
+
+
+def test_image_replacement_counts_tiles(processor) -> None:
+    repl = processor.image_replacement(3)
+    t = processor.tokens
+    assert repl.full == [*t.image_start, *[t.image_context] * (3 * processor.tokens_per_frame), *t.image_end]
+    assert int(repl.is_embed(repl.full).sum()) == 3 * processor.tokens_per_frame
+
+
+@pytest.mark.parametrize("frames,rate", [(4, 0.75), (9, 0.5), (1, 0.9)])
+def test_evs_prompt_has_vllms_retained_count(processor, frames: int, rate: float) -> None:
+    """With EVS the video's prompt holds vLLM's retained count (first frame at least),
+    in the first frame's slot; the whole span takes embeddings (the model lays it out)."""
+    from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
+
+    meta = video_metadata(frames)
+    full = processor.video_replacement(frames, meta["frames_indices"], 500)
+    evs = processor.video_replacement(frames, meta["frames_indices"], 500, rate)
+    retained = compute_retained_tokens_count(processor.tokens_per_frame, frames, rate)
+    context = processor.tokens.image_context
+    assert evs.full.count(context) == retained
+    assert len(full.full) - len(evs.full) == frames * processor.tokens_per_frame - retained
+    assert evs.is_embed is None  # every position of the span takes the model's embeddings
+
+
+def test_max_num_tiles_is_checked(processor) -> None:
+    from vllm_stateful_reduce.model.processing import max_num_tiles
+
+    assert max_num_tiles(None) == 12 and max_num_tiles(3) == 3
+    for bad in (0, -1, 2.5, "4", True):
+        with pytest.raises(ValueError, match="max_num_tiles must be a positive integer"):
+            max_num_tiles(bad)
 
 
 def test_per_request_options_survive_the_model_dtype() -> None:

@@ -4,11 +4,14 @@ vLLM calls `register()` (entry point group `vllm.general_plugins`, name
 `stateful_reduce`) in every process it starts: front end, engine core, workers.
 """
 
-from .vllm_compat import REQUIRED_ENGINE_ARGS
+from .vllm_compat import REQUIRED_ENGINE_ARGS, hf_overrides
 
-__all__ = ["ARCHITECTURE", "REQUIRED_ENGINE_ARGS", "register"]
+__all__ = ["ARCHITECTURE", "HF_OVERRIDES", "REQUIRED_ENGINE_ARGS", "register"]
 
 ARCHITECTURE = "NemotronH_Nano_VL_V2_StatefulReduce"
+# `hf_overrides=` of `LLM(...)` (`--hf-overrides` of `vllm serve`) that selects the plugin's
+# model and its config class (also under --trust-remote-code)
+HF_OVERRIDES = hf_overrides(ARCHITECTURE)
 
 _registered = False
 
@@ -33,7 +36,7 @@ def register() -> None:
     )
 
     log.route_to_vllm()
-    register_hf_config()
+    register_hf_config(ARCHITECTURE)
     install_config_hook(ARCHITECTURE)
     install_runner_glue()
     install_request_option_check()

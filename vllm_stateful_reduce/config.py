@@ -88,16 +88,30 @@ class ReductionConfig(BaseModel):
     """Multiply the Mamba proxy by exp(A * sum dt) (the decay the paper drops)."""
     mamba_dt: bool = Field(True, description="weight the Mamba proxy by dt")
     """Weight the Mamba proxy of token s by its step size dt_s."""
-    evs_rate: float = Field(
-        0.0,
+    evs_rate: float | None = Field(
+        None,
         ge=0.0,
         lt=1.0,
-        description="EVS-style pruning before the LLM: drop this fraction of the tokens that changed least since "
-        "the previous frame (vLLM's EVS rule); the budget then applies to the rest",
+        description="EVS before the LLM: vLLM's EVS drops this fraction of the video tokens that changed least "
+        "since the previous frame, and the prompt gets that much shorter; default: the engine's "
+        "`--video-pruning-rate`. Per request only",
     )
-    """EVS-style pruning before the LLM: drop this fraction of the visual tokens that
-    changed least since the previous frame (vLLM's EVS rule; the first frame stays).
-    The in-LLM budget then applies to the tokens that remain."""
+    """vLLM's EVS for this request's videos, in the processor and the vision tower as
+    in-tree (`--video-pruning-rate` is the engine-wide default): the prompt holds only the
+    retained tokens, and the reduction's budget applies to them. 0 turns it off."""
+    vision_micro_batch: int = Field(
+        128, ge=1, description="frames or image tiles per vision-tower call (vLLM's in-tree model: 128)"
+    )
+    """The vision tower runs at most this many frames or tiles at once, which bounds the
+    activation peak of a long video (vLLM profiles the tower at this size)."""
+    modalities: list[Literal["video", "image"]] = Field(
+        ["video"],
+        description='which media are reduced: `["video"]`, or also `"image"` (a page or chart loses detail that '
+        "a video's redundant frames do not)",
+    )
+    """Media whose visual tokens are scored and dropped. Images stay whole by default:
+    dropping 75% of a scanned page or a chart is a different risk than of a video,
+    whose neighbouring frames repeat each other."""
     min_keep: int = Field(16, ge=1, description="never keep fewer visual tokens per request")
     """Never keep fewer visual tokens than this per request (or all, if fewer)."""
     timing: bool = Field(
@@ -186,7 +200,7 @@ def request_overrides(options: object) -> dict | None:
 
 # ---------------------------------------------------------------- error messages
 
-_FLOAT_FIELDS = [n for n, f in ReductionConfig.model_fields.items() if f.annotation is float]
+_FLOAT_FIELDS = [n for n, f in ReductionConfig.model_fields.items() if f.annotation in (float, float | None)]
 _LIST_ALTERNATIVE = {"schedule": "a list of per-stage keep ratios", "boundaries": "a list of block indices"}
 _SHOWN_CHARS = 40
 _MAX_PROBLEMS = 3
@@ -232,6 +246,8 @@ def _allowed(name: str, type_error: bool) -> str:
     """What field `name` accepts, as the end of "must be ..."."""
     field = ReductionConfig.model_fields[name]
     annotation = field.annotation
+    if annotation in (int | None, float | None):  # optional numbers: null means "not set"
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
     if annotation is bool:
         return "true or false"
     if annotation in (int, float):
@@ -242,9 +258,9 @@ def _allowed(name: str, type_error: bool) -> str:
         if bounds.startswith(("(", "[")):
             return f"{kind} in {bounds}" if type_error else f"in {bounds}"
         return f"{kind} {bounds}"
-    parts = (annotation,) if get_origin(annotation) is Literal else get_args(annotation)  # Literal or a union
+    parts = (annotation,) if get_origin(annotation) is Literal else get_args(annotation)  # Literal, list or union
     literals = [a for part in parts if get_origin(part) is Literal for a in get_args(part)]
-    text = "one of " + ", ".join(json.dumps(a) for a in literals)
+    text = ("a list of " if get_origin(annotation) is list else "one of ") + ", ".join(json.dumps(a) for a in literals)
     return f"{text} or {_LIST_ALTERNATIVE[name]}" if name in _LIST_ALTERNATIVE else text
 
 
@@ -284,5 +300,13 @@ def _config_error(err: ValidationError, raw: Mapping[str, Any]) -> ConfigError:
 
 
 def from_additional_config(additional_config: Mapping[str, Any] | None) -> ReductionConfig:
-    """The global config from `vllm_config.additional_config`."""
-    return parse((additional_config or {}).get(CONFIG_KEY))
+    """The global config from `vllm_config.additional_config`. EVS for every request is
+    vLLM's own `--video-pruning-rate` (the processor, which shortens prompts, does not
+    see this config), so `evs_rate` is refused here."""
+    raw = (additional_config or {}).get(CONFIG_KEY)
+    if isinstance(raw, Mapping) and "evs_rate" in raw:
+        raise ConfigError(
+            f"{CONFIG_KEY}.evs_rate is set per request; for every request use vLLM's --video-pruning-rate",
+            ["evs_rate"],
+        )
+    return parse(raw)

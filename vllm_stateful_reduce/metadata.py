@@ -45,7 +45,7 @@ class StageLayers:
 @dataclass(frozen=True)
 class StageBuilders:
     """One of the runner's attention groups with a metadata builder of its backend for
-    each stage (stage 0 too: EVS-style pruning changes it). A builder may keep
+    each stage (stage 0 too, so every stage is built alike). A builder may keep
     per-build state (FlashInfer plans its wrappers), so stages built before block 0 do
     not share one, nor use the runner's; they are made when the runner makes its own
     (`vllm_compat.stage_builders`), before the KV cache tensors are allocated."""

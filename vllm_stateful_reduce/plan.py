@@ -7,11 +7,11 @@ visual tokens win is left to the device. So the plan is computed from host data 
 runner already has (no device reads), and everything the device needs from it goes
 up in one upload (`StepPlan.upload`).
 
-Stages: stage 0 runs blocks 0..b_1 (after EVS-style pruning of the input, if any),
-stage j runs the blocks after boundary b_j. A *reducing* request is a fresh,
-whole-prompt prefill with video and question text; it keeps `keep[j]` visual tokens
-in stage j. A *continuing* request carries `dropped[j]` from its own reduced prefill
-in an earlier step: its stage-j attention layers hold `seq_len - dropped[j]` keys.
+Stages: stage 0 runs blocks 0..b_1, stage j runs the blocks after boundary b_j. A
+*reducing* request is a fresh, whole-prompt prefill with media of a reduced modality
+and question text after its last media; it keeps `keep[j]` visual tokens in stage j.
+A *continuing* request carries `dropped[j]` from its own reduced prefill in an earlier
+step: its stage-j attention layers hold `seq_len - dropped[j]` keys.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
 
 from .config import ReductionConfig
 from .kernels.torch_ops import Varlen
@@ -31,9 +30,7 @@ from .state import RequestInfo
 class VisualTokens:
     """How visual tokens appear in a prompt (fixed per checkpoint)."""
 
-    context_token_id: int  # the id of every visual row
-    end_length: int  # tokens of the closing wrapper `</img>` after the last one
-    tokens_per_frame: int
+    context_token_id: int  # the id of every visual row, of images and video frames
 
 
 @dataclass(frozen=True)
@@ -45,7 +42,7 @@ class Reducing:
     visual: np.ndarray  # (V,) prompt positions of its visual tokens
     num_query: int  # question rows: the prompt's last rows
     num_output: int  # rows after the prompt (a preempted request recomputes its output)
-    keep: tuple[int, ...]  # visual tokens in each stage; keep[0] enter the LLM (after EVS)
+    keep: tuple[int, ...]  # visual tokens in each stage; keep[0] = all that enter the LLM
     config: ReductionConfig
 
 
@@ -218,7 +215,7 @@ def plan_step(
             continue
         request = _plan_prefill(i, info, visual_tokens, schedule_for)
         if isinstance(request, Skip):
-            if request.reason != "no_video":
+            if request.reason != "no_media":
                 (disabled if request.reason == "disabled" else skipped).append(request)
             fresh_dropped[info.req_id] = []
             continue
@@ -235,32 +232,33 @@ def _plan_prefill(
 ) -> Reducing | Skip:
     """A fresh prefill: its reduction, or why it is served unreduced."""
     config = info.config
-    if info.prompt_token_ids is None:
-        return Skip(info.req_id, "no_video")
+    if info.prompt_token_ids is None or not info.media:
+        return Skip(info.req_id, "no_media")
     prompt = np.asarray(info.prompt_token_ids[: info.num_prompt_tokens])
-    visual = np.flatnonzero(prompt == visual_tokens.context_token_id)
+    spans = [span for span in info.media if span.modality in config.modalities]
+    reduced = np.zeros(len(prompt), dtype=bool)  # inside an item of a reduced modality
+    for span in spans:
+        reduced[span.offset : span.offset + span.length] = True
+    visual = np.flatnonzero((prompt == visual_tokens.context_token_id) & reduced)
 
     def skip(reason: str) -> Skip:
         return Skip(info.req_id, reason, len(visual))
 
+    if not all(span.layout_known for span in spans):
+        return skip("evs_layout_unknown")
     if info.num_scheduled < info.num_prompt_tokens:
         return skip("prompt_split_across_steps")
     if not len(visual):
-        return skip("no_video")
+        kinds = sorted({span.modality for span in info.media})
+        return skip(f"modality_not_reduced: {', '.join(kinds)} (stateful_reduce.modalities)")
     if not config.enabled:
         return skip("disabled")
-    # the question: prompt text after the last video's closing wrapper (`</img>`)
-    num_query = info.num_prompt_tokens - (int(visual[-1]) + 1 + visual_tokens.end_length)
+    # the question: prompt text after the last image or video
+    num_query = info.num_prompt_tokens - max(span.offset + span.length for span in info.media)
     if num_query <= 0:
         return skip("no_text_after_video")
-    entering = len(visual)  # visual tokens that enter the LLM after EVS
-    if config.evs_rate:
-        if len(visual) % visual_tokens.tokens_per_frame:
-            return skip("visual_tokens_not_whole_frames")
-        frames = len(visual) // visual_tokens.tokens_per_frame
-        entering = compute_retained_tokens_count(visual_tokens.tokens_per_frame, frames, config.evs_rate)
     try:
-        keep = schedule_for(config).keep_counts(entering, config.min_keep)
+        keep = schedule_for(config).keep_counts(len(visual), config.min_keep)
     except ValueError as err:  # a per-request budget this pattern cannot reach
         return skip(f"infeasible: {err}")
     if keep[-1] == len(visual):

@@ -18,6 +18,16 @@ from .config import ReductionConfig
 
 
 @dataclass(frozen=True)
+class MediaSpan:
+    """Where one image or video sits in a prompt (vLLM's placeholder range)."""
+
+    modality: str  # "image" or "video"
+    offset: int  # first prompt position of the item's tokens (its wrappers and frame text included)
+    length: int
+    layout_known: bool = True  # False: an EVS video whose frame layout the runner glue could not read
+
+
+@dataclass(frozen=True)
 class RequestInfo:
     """One row of the batch, as the runner glue hands it to the model (batch order):
     host-side counts, so the step can be planned without reading the device."""
@@ -27,7 +37,8 @@ class RequestInfo:
     config: ReductionConfig
     num_computed: int  # tokens whose KV/state exist before this step
     num_scheduled: int  # tokens of this step
-    prompt_token_ids: Sequence[int] | None  # the runner's own list (not copied)
+    prompt_token_ids: Sequence[int] | None  # the runner's own list, or the EVS layout (evs.py)
+    media: tuple[MediaSpan, ...] = ()  # in prompt order
 
 
 @dataclass(frozen=True)

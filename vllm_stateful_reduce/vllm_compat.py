@@ -24,9 +24,28 @@ if TYPE_CHECKING:
     from .scoring import MambaProjection
 
 
-def register_hf_config() -> None:
-    """Parse Nano VL v2 configs locally, so neither network nor remote code is needed."""
+def register_hf_config(architecture: str) -> None:
+    """Parse Nano VL v2 configs with the plugin's class, with or without remote code.
+
+    - `AutoConfig` knows the checkpoints' own `model_type`, so a config parses offline
+      and without `--trust-remote-code` (the small checkpoints built here).
+    - Under `--trust-remote-code` transformers prefers the checkpoint's own class (the
+      real one's `configuration.py`), which the plugin's model cannot read. vLLM 0.32's
+      `HFConfigParser.parse` consults its own `_CONFIG_REGISTRY` first, keyed by
+      `model_type` after `hf_overrides`; so the plugin's architecture name is registered
+      there, and selecting the plugin sets `model_type` to it (`HF_OVERRIDES`; the
+      `--plugin` flag does it), which makes vLLM use this class and stop trusting remote
+      code for the config. Only configs overridden to that name are affected.
+    """
+    from vllm.transformers_utils.config import _CONFIG_REGISTRY
+
     AutoConfig.register(MODEL_TYPE, NemotronNanoVLConfig, exist_ok=True)
+    _CONFIG_REGISTRY[architecture] = NemotronNanoVLConfig
+
+
+def hf_overrides(architecture: str) -> dict[str, object]:
+    """What selects the plugin's model and config class for a Nano VL v2 checkpoint."""
+    return {"architectures": [architecture], "model_type": architecture}
 
 
 def mark_installed(wrapper: Callable) -> None:
@@ -279,9 +298,11 @@ def install_runner_glue() -> None:
         for i, req_id in enumerate(batch.req_ids[:num_reqs]):
             request = self.requests[req_id]
             overrides = request_overrides(request.mm_features)
-            rows.append(
-                (req_id, request.num_prompt_tokens, overrides, computed[i], scheduled[i], request.prompt_token_ids)
-            )
+            prompt, laid_out = request.prompt_token_ids, frozenset[str]()
+            if computed[i] == 0:  # a prefill: EVS videos' real layout, from this step's encoder outputs
+                prompt, laid_out = with_evs_layouts(prompt, request.mm_features, self.encoder_cache)
+            media = media_spans(request.mm_features, laid_out)
+            rows.append((req_id, request.num_prompt_tokens, overrides, computed[i], scheduled[i], prompt, media))
         block_tables = [table.get_device_tensor(num_reqs) for table in batch.block_table.block_tables]
         model.set_batch(rows, block_tables)
         try:
@@ -299,6 +320,43 @@ def install_runner_glue() -> None:
     mark_installed(_model_forward)
     GPUModelRunner._model_forward = _model_forward
     GPUModelRunner.initialize_metadata_builders = _initialize_metadata_builders
+
+
+def media_spans(mm_features, laid_out: frozenset[str] = frozenset()) -> tuple:
+    """Where each image and video sits in the prompt (`MultiModalFeatureSpec.mm_position`);
+    an EVS video whose real layout was not read (`laid_out`: their identifiers) is marked
+    so the planner does not take its first-frame placeholder for the real rows."""
+    from .model.processing import EVS_FIELD
+    from .state import MediaSpan
+
+    def evs(feature) -> bool:
+        data = feature.data or {}
+        return EVS_FIELD in data and data[EVS_FIELD].data.flatten().view(torch.float64).item() > 0
+
+    return tuple(
+        MediaSpan(f.modality, f.mm_position.offset, f.mm_position.length, not evs(f) or f.identifier in laid_out)
+        for f in mm_features or ()
+    )
+
+
+def with_evs_layouts(
+    prompt: Sequence[int] | None, mm_features, encoder_cache: Mapping
+) -> tuple[Sequence[int] | None, frozenset[str]]:
+    """The prompt with each EVS video's span replaced by its real frame layout, which its
+    embeddings carry (model/evs.py; the runner caches encoder outputs by the item's hash,
+    vLLM 0.32 `GPUModelRunner.encoder_cache`), and the identifiers of those videos. The
+    runner's own list stays as it is."""
+    from .model.evs import recorded_layout
+
+    out, done = None, set()
+    for feature in mm_features or ():
+        layout = recorded_layout(encoder_cache.get(feature.identifier)) if feature.modality == "video" else None
+        if layout is None or prompt is None:
+            continue
+        out = list(prompt) if out is None else out
+        out[feature.mm_position.offset : feature.mm_position.offset + len(layout)] = layout
+        done.add(feature.identifier)
+    return (prompt if out is None else out), frozenset(done)
 
 
 def bind_to_runner(model, attn_groups: Sequence[Sequence], vocab_size: int, device: torch.device) -> None:
@@ -346,12 +404,13 @@ def model_state_cls() -> type:
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            self.prompts: dict[str, tuple[list[int], dict | None]] = {}
+            self.prompts: dict[str, tuple[list[int], dict | None, tuple]] = {}
 
         def add_request(self, req_index: int, new_req_data) -> None:
             super().add_request(req_index, new_req_data)
             prompt = list(new_req_data.prompt_token_ids or ())
-            self.prompts[new_req_data.req_id] = (prompt, request_overrides(new_req_data.mm_features))
+            features = new_req_data.mm_features
+            self.prompts[new_req_data.req_id] = (prompt, request_overrides(features), media_spans(features))
 
         def remove_request(self, req_id: str) -> None:
             super().remove_request(req_id)
@@ -373,16 +432,18 @@ def model_state_cls() -> type:
     return StatefulReduceModelState
 
 
-def batch_rows(input_batch, prompts: Mapping[str, tuple[list[int], dict | None]]) -> list[tuple]:
+def batch_rows(input_batch, prompts: Mapping[str, tuple[list[int], dict | None, tuple]]) -> list[tuple]:
     """`set_batch` rows of an MRv2 `InputBatch` (host arrays only); none for a batch
-    with a request the state never saw (a dummy run)."""
+    with a request the state never saw (a dummy run). EVS videos keep the prompt's
+    first-frame layout here (MRv2's encoder cache is not read), so a request with one is
+    served unreduced (`evs_layout_unknown`) rather than planned on the wrong rows."""
     if any(req_id not in prompts for req_id in input_batch.req_ids):
         return []
     rows = []
     for i, req_id in enumerate(input_batch.req_ids):
-        prompt, overrides = prompts[req_id]
+        prompt, overrides, media = prompts[req_id]
         computed, scheduled = int(input_batch.num_computed_tokens_np[i]), int(input_batch.num_scheduled_tokens[i])
-        rows.append((req_id, len(prompt), overrides, computed, scheduled, prompt))
+        rows.append((req_id, len(prompt), overrides, computed, scheduled, prompt, media))
     return rows
 
 
@@ -423,12 +484,13 @@ def stage_builders(group, vllm_config: "VllmConfig", num_stages: int) -> tuple[o
 
 
 def request_overrides(mm_features) -> dict | None:
-    """Per-request options the processor stored with the request's first video."""
-    from .model.processing import OPTIONS_FIELD, decode_options
+    """Per-request options the processor stored with the request's first image or video."""
+    from .model.processing import IMAGE_OPTIONS_FIELD, OPTIONS_FIELD, decode_options
 
     for feature in mm_features or ():
-        if feature.data is not None and OPTIONS_FIELD in feature.data:
-            return decode_options(feature.data[OPTIONS_FIELD].data)
+        for field in (OPTIONS_FIELD, IMAGE_OPTIONS_FIELD):
+            if feature.data is not None and field in feature.data:
+                return decode_options(feature.data[field].data)
     return None
 
 
@@ -535,16 +597,21 @@ def dummy_videos(builder, *, width: int, height: int, num_frames: int, num_video
     return builder._get_dummy_videos(width=width, height=height, num_frames=num_frames, num_videos=num_videos)
 
 
+def dummy_images(builder, *, width: int, height: int, num_images: int) -> list:
+    """Profiling images: `BaseDummyInputsBuilder._get_dummy_images` (vLLM 0.32, dummy_inputs.py)."""
+    return builder._get_dummy_images(width=width, height=height, num_images=num_images)
+
+
 def language_model_part(model, vllm_config: "VllmConfig"):
     """Context marking the modules assigned inside as the language model:
     `SupportsMultiModal._mark_language_model` (vLLM 0.32, interfaces.py)."""
     return model._mark_language_model(vllm_config)
 
 
-def tower_model_part(model, vllm_config: "VllmConfig", modality: str):
-    """Context marking the modules assigned inside as the encoder of `modality`:
+def tower_model_part(model, vllm_config: "VllmConfig", modalities: set[str]):
+    """Context marking the modules assigned inside as the encoder of `modalities`:
     `SupportsMultiModal._mark_tower_model` (vLLM 0.32, interfaces.py)."""
-    return model._mark_tower_model(vllm_config, modality)
+    return model._mark_tower_model(vllm_config, modalities)
 
 
 # ------------------------------------------------------------- `--plugin stateful-reduce`
@@ -610,7 +677,8 @@ def mark_engine_args(engine_args, selected: bool = True):
 
 def _with_architecture(user_fn: Callable, architecture: str, config):
     config = user_fn(config)
-    config.architectures = [architecture]
+    for key, value in hf_overrides(architecture).items():
+        setattr(config, key, value)
     return config
 
 
@@ -652,7 +720,7 @@ def apply_plugin_settings(engine_args) -> None:
     if callable(overrides):
         engine_args.hf_overrides = functools.partial(_with_architecture, overrides, ARCHITECTURE)
     else:
-        engine_args.hf_overrides = {**(overrides or {}), "architectures": [ARCHITECTURE]}
+        engine_args.hf_overrides = {**(overrides or {}), **hf_overrides(ARCHITECTURE)}
     _plugin_logger().info("%s: architecture %s for this %s checkpoint", flag, ARCHITECTURE, found[0])
     reasons = {
         "enforce_eager": "the reduced stack has data-dependent shapes",

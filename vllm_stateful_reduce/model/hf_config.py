@@ -12,12 +12,6 @@ from vllm.transformers_utils.configs.radio import VIT_TIMM_DIM_BY_NAME, RadioCon
 
 MODEL_TYPE = "NemotronH_Nano_VL_V2"
 
-# Same special strings as the real tokenizer / vLLM's in-tree processor.
-IMG_START = "<img>"
-IMG_END = "</img>"
-IMG_CONTEXT = "<image>"
-VIDEO_PLACEHOLDER = "<video>"
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -134,8 +128,9 @@ class SizedRadioConfig(RadioConfig):
 
 def radio_prefix_tokens(args: dict) -> int:
     """Tokens RADIO puts before the patches (and drops after the ViT): cls tokens (one per
-    teacher, or one) padded with registers to `register_multiple` (vLLM's radio.py rule)."""
-    cls_tokens = len(args.get("teachers", ())) if args.get("cls_token_per_teacher") else 1
+    distinct teacher name, or one) padded with registers to `register_multiple` (vLLM's
+    radio.py rule)."""
+    cls_tokens = len({t["name"] for t in args.get("teachers", ())}) if args.get("cls_token_per_teacher") else 1
     multiple = args.get("register_multiple") or 0
     return cls_tokens + (multiple - cls_tokens % multiple if multiple else 0)
 

@@ -6,6 +6,7 @@ video-only. The language model is vLLM's own NemotronH.
 """
 
 from collections.abc import Iterable
+from functools import partial
 from typing import cast
 
 import torch
@@ -28,19 +29,47 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 from vllm.tokenizers import cached_tokenizer_from_config
 
-from .. import vllm_compat
+from .. import HF_OVERRIDES, vllm_compat
 from ..config import from_additional_config
 from ..log import describe
 from ..plan import VisualTokens
 from ..state import RequestInfo, RunnerBatch
-from .hf_config import IMG_END, NemotronNanoVLConfig, radio_config_from
-from .processing import NanoVLDummyInputsBuilder, NanoVLMultiModalProcessor, NanoVLProcessingInfo
+from .evs import evs_video_embeddings
+from .hf_config import NemotronNanoVLConfig, radio_config_from
+from .processing import (
+    EVS_FIELD,
+    NanoVLDummyInputsBuilder,
+    NanoVLMultiModalProcessor,
+    NanoVLProcessingInfo,
+    video_token_ids,
+)
 from .reduced_stack import ReducibleNemotronHForCausalLM
+from .tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SpecialTokens
 
 logger = init_logger(__name__)
 
 # RADIO checkpoints carry no layer scale; vLLM keeps these at `initializer_factor`.
 _VISION_PARAMS_NOT_IN_CHECKPOINT = (".ls1", ".ls2")
+
+
+def _items(value: object) -> list:
+    """A batched multimodal field as a list of per-item values."""
+    return list(value) if isinstance(value, (list, tuple)) else list(cast(torch.Tensor, value))
+
+
+def _flat_pixels(value: object) -> torch.Tensor:
+    """Every item's tiles or frames in one (n, 3, S, S) tensor (the batcher may have
+    stacked same-shape items, or left a list)."""
+    if isinstance(value, (list, tuple)):
+        return torch.cat([torch.as_tensor(v).flatten(0, -4) for v in value])
+    pixels = cast(torch.Tensor, value)
+    return pixels.flatten(0, -4)
+
+
+def _per_item_floats(value: object) -> list[float]:
+    """A per-item float64 field the processor sent as int64 bits (`processing.float_bits`)."""
+    bits = torch.stack([torch.as_tensor(v).flatten() for v in _items(value)]).flatten()
+    return bits.view(torch.float64).tolist()
 
 
 def pixel_shuffle(x: torch.Tensor, scale_factor: float) -> torch.Tensor:
@@ -57,11 +86,19 @@ def pixel_shuffle(x: torch.Tensor, scale_factor: float) -> torch.Tensor:
 class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsMultiModal):
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
-        return "<video>" if modality.startswith("video") else None
+        if modality.startswith("image"):
+            return IMAGE_PLACEHOLDER
+        return VIDEO_PLACEHOLDER if modality.startswith("video") else None
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
-        config: NemotronNanoVLConfig = vllm_config.model_config.hf_config
+        config = vllm_config.model_config.hf_config
+        if not isinstance(config, NemotronNanoVLConfig):
+            raise ValueError(
+                f"the config was parsed by {type(config).__name__} (the checkpoint's remote code?), not the plugin's "
+                f"NemotronNanoVLConfig: select the plugin with --plugin stateful-reduce, or give "
+                f"hf_overrides={HF_OVERRIDES} (vllm_stateful_reduce.HF_OVERRIDES)"
+            )
         if getattr(config, "ps_version", "v2") != "v2":
             raise ValueError(f"ps_version={config.ps_version!r} is not supported (only 'v2')")
         self.config = config
@@ -73,12 +110,17 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
         logger.info_once(
             "stateful_reduce: %s", describe(self.reduction, config.text_config.hybrid_override_pattern), scope="local"
         )
-        tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
-        visual_tokens = VisualTokens(
-            context_token_id=config.img_context_token_id,
-            end_length=len(tokenizer.encode(IMG_END, add_special_tokens=False)),
-            tokens_per_frame=config.tokens_per_frame,
-        )
+        self.tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
+        self.tokens = tokens = SpecialTokens.from_tokenizer(self.tokenizer)
+        stale = getattr(config, "img_context_token_id", None)
+        if stale is not None and stale != tokens.image_context:
+            logger.warning_once(
+                "config.json's img_context_token_id %s is not the tokenizer's <image> id %d; the tokenizer's is used "
+                "(as by vLLM's in-tree model)",
+                stale,
+                tokens.image_context,
+            )
+        visual_tokens = VisualTokens(context_token_id=tokens.image_context)
         text_vllm_config = vllm_config.with_hf_config(config.text_config, architectures=["NemotronHForCausalLM"])
         language_prefix = maybe_prefix(prefix, "language_model")
         with (
@@ -89,7 +131,7 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
                 vllm_config=text_vllm_config, prefix=language_prefix, visual_tokens=visual_tokens
             )
         dtype = vllm_config.model_config.dtype
-        with vllm_compat.tower_model_part(self, vllm_config, "video"):
+        with vllm_compat.tower_model_part(self, vllm_config, {"image", "video"}):
             self.vision_model = RadioModel(config=radio_config_from(config)).to(dtype)
             shuffled = config.vit_hidden_size * int(round(1 / self.downsample_ratio)) ** 2
             self.mlp1 = nn.Sequential(
@@ -102,12 +144,12 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
     def set_batch(self, requests: list[tuple], block_tables: list[torch.Tensor]) -> None:
         """Called by the runner glue before each forward: for every row of the batch in
         batch order (req_id, prompt length, per-request overrides, tokens computed
-        before this step, tokens of this step, prompt token ids), and the block table
-        of every KV-cache group."""
+        before this step, tokens of this step, prompt token ids, media spans), and the
+        block table of every KV-cache group."""
         self.language_model.model.batch = RunnerBatch(
             tuple(
-                RequestInfo(req_id, num_prompt, self._request_config(overrides), computed, scheduled, prompt_ids)
-                for req_id, num_prompt, overrides, computed, scheduled, prompt_ids in requests
+                RequestInfo(req_id, num_prompt, self._request_config(overrides), computed, scheduled, prompt_ids, media)
+                for req_id, num_prompt, overrides, computed, scheduled, prompt_ids, media in requests
             ),
             tuple(block_tables),
         )
@@ -134,7 +176,13 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
         return self.language_model.model.state
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(frames, 3, S, S) -> (frames, tokens_per_frame, llm_hidden)."""
+        """(tiles or frames, 3, S, S) -> (same, tokens_per_frame, llm_hidden), the vision
+        tower run on `vision_micro_batch` of them at a time (vLLM's in-tree model: 128), so
+        a long video's activation peak stays that of one micro-batch."""
+        step = self.reduction.vision_micro_batch
+        return torch.cat([self._features(pixel_values[i : i + step]) for i in range(0, len(pixel_values), step)])
+
+    def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         _, vit_embeds = self.vision_model(pixel_values.to(cast(nn.Linear, self.mlp1[1]).weight.dtype))
         side = pixel_values.shape[-1] // self.patch_size
         vit_embeds = vit_embeds.reshape(vit_embeds.shape[0], side, side, -1)
@@ -142,20 +190,48 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
         return self.mlp1(vit_embeds.flatten(1, 2))
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        pixel_values = kwargs.get("pixel_values_flat_video")
-        if pixel_values is None:
-            return []
-        if isinstance(pixel_values, (list, tuple)):
-            frames = torch.cat(list(pixel_values))
-        else:
-            frames = cast(torch.Tensor, pixel_values)
-            if frames.ndim == 5:  # same-shape videos stacked by the batcher
-                frames = frames.flatten(0, 1)
+        """Embeddings of one modality's items (vLLM groups items by modality), in order:
+        an image's tiles, thumbnail last; a video's frames, or with EVS its whole span."""
+        if kwargs.get("pixel_values_flat") is not None:
+            return self._image_embeddings(kwargs)
+        if kwargs.get("pixel_values_flat_video") is not None:
+            return self._video_embeddings(kwargs)
+        return []
+
+    def _image_embeddings(self, kwargs: dict) -> MultiModalEmbeddings:
+        tiles = _flat_pixels(kwargs["pixel_values_flat"])
+        counts = torch.as_tensor(kwargs["image_num_patches"]).flatten().tolist()
+        features = self.extract_feature(tiles)
+        return tuple(t.reshape(-1, features.shape[-1]) for t in features.split(counts))
+
+    def _video_embeddings(self, kwargs: dict) -> MultiModalEmbeddings:
+        frames = _flat_pixels(kwargs["pixel_values_flat_video"])
         num_frames = torch.as_tensor(kwargs["video_num_patches"]).flatten().tolist()
-        features = self.extract_feature(frames)  # all frames of all videos
-        hidden = self.config.text_config.hidden_size
-        per_video = features.split(num_frames)
-        return tuple(v.reshape(-1, hidden) for v in per_video)
+        rates = _per_item_floats(kwargs[EVS_FIELD])
+        indices = [torch.as_tensor(f).flatten().tolist() for f in _items(kwargs["frames_indices"])]
+        durations = torch.as_tensor(kwargs["frame_duration_ms"]).flatten().tolist()
+        features = self.extract_feature(frames).split(num_frames)  # per video: (frames, tokens, hidden)
+        out = []
+        for video, rate, frames_indices, duration in zip(features, rates, indices, durations, strict=True):
+            if not rate:
+                out.append(video.reshape(-1, video.shape[-1]))
+                continue
+            out.append(
+                evs_video_embeddings(
+                    video,
+                    rate,
+                    partial(
+                        video_token_ids,
+                        self.tokenizer,
+                        self.tokens,
+                        frames_indices=frames_indices,
+                        duration_ms=int(duration),
+                    ),
+                    self.tokens.image_context,
+                    self.language_model.model.embed_tokens,
+                )
+            )
+        return tuple(out)
 
     def forward(
         self,

@@ -1,13 +1,16 @@
-"""Video processor for Nemotron Nano VL v2 checkpoints, without torchvision.
+"""Image and video processor for Nemotron Nano VL v2 checkpoints, without torchvision.
 
 Same token layout as vLLM's in-tree `nano_nemotron_vl` processor (which cannot be
-imported on a CPU install because it pulls in torchvision): each frame becomes
+imported on a CPU install because it pulls in torchvision). An image becomes
+`<img> <image>*(tiles * 256) </img>` (tiles: `tiling.py`); each video frame becomes
 
     "Frame {i} sampled at {t:.2f} seconds: " <img> <image>*tokens_per_frame </img>
 
 with "\n" before every frame but the first. Only the `<image>` context tokens are
 embedding positions (`select_token_ids`), so frame text stays text in the prompt
-and the model finds visual rows by token id.
+and the model finds visual rows by token id. With EVS (`--video-pruning-rate`, or a
+request's `evs_rate`) the video's prompt is shortened to vLLM's retained count and the
+model fills in the frame layout after the vision tower (`evs.py`), as in-tree.
 """
 
 from collections.abc import Mapping, Sequence
@@ -15,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import MultiModalDataItems, MultiModalDataParser
+from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems, MultiModalDataParser
 from vllm.multimodal.processing import BaseDummyInputsBuilder
 from vllm.multimodal.processing.processor import (
     BaseMultiModalProcessor,
@@ -26,26 +30,29 @@ from vllm.multimodal.processing.processor import (
     PromptUpdate,
     PromptUpdateDetails,
 )
+from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
 
 from ..config import CONFIG_KEY
 from ..media import video_metadata
-from ..vllm_compat import check_request_options, dummy_videos, expected_hidden_size
-from .hf_config import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER, NemotronNanoVLConfig
+from ..vllm_compat import RequestError, check_request_options, dummy_images, dummy_videos, expected_hidden_size
+from .hf_config import NemotronNanoVLConfig
+from .tiling import DEFAULT_MAX_NUM_TILES, image_tiles, num_tiles, target_ratios
+from .tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SpecialTokens
 
-# Per-request reduction options travel as a per-video tensor, one value per field of
-# OPTION_NAMES (NaN = not set), kept with the request's multimodal features.
+# Per-request reduction options travel as a per-item tensor (videos and images), one
+# value per field of OPTION_NAMES (NaN = not set), kept with the request's multimodal
+# features; so does each video's EVS rate (what its prompt was shortened by).
 OPTIONS_FIELD = "stateful_reduce_options"
+IMAGE_OPTIONS_FIELD = "stateful_reduce_options_image"
+EVS_FIELD = "stateful_reduce_evs_rate"
 OPTION_NAMES = ("enabled", "budget", "evs_rate")
 
 
-def encode_options(options: object) -> torch.Tensor:
-    """Validate `mm_processor_kwargs["stateful_reduce"]` (RequestError, a ValueError,
-    names the field). The float64 values travel as their int64 bit patterns: vLLM casts
-    floating-point multimodal fields to the model's dtype (bf16 would turn a budget of
-    0.35 into 0.3496)."""
-    overrides = check_request_options(options) or {}
+def encode_options(options: Mapping[str, Any] | None) -> torch.Tensor:
+    """Validated per-request options (`check_request_options`) as one tensor (`float_bits`)."""
+    overrides = options or {}
     values = [float("nan") if overrides.get(k) is None else float(overrides[k]) for k in OPTION_NAMES]
-    return torch.tensor(values, dtype=torch.float64).view(torch.int64)
+    return float_bits(torch.tensor(values, dtype=torch.float64))
 
 
 def decode_options(encoded: torch.Tensor) -> dict | None:
@@ -138,26 +145,79 @@ def frame_separators(frames_indices: Sequence[int], duration_ms: int) -> list[st
     ]
 
 
-class NanoVLVideoPreprocessor:
-    """Stands where an HF processor would: frames -> pixel values and frame metadata."""
+def video_token_ids(
+    tokenizer: Any,
+    tokens: SpecialTokens,
+    tokens_per_frame: Sequence[int],
+    frames_indices: Sequence[int],
+    duration_ms: int,
+) -> list[int]:
+    """A video's prompt ids: per frame its separator text, `<img>`, that frame's visual
+    tokens, `</img>` (vLLM 0.32's `NanoNemotronVLProcessor.get_video_repl`, T = 1)."""
+    seps = tokenizer(frame_separators(frames_indices[: len(tokens_per_frame)], duration_ms), add_special_tokens=False)
+    ids: list[int] = []
+    for frame_sep, count in zip(seps["input_ids"], tokens_per_frame, strict=True):
+        ids += [*frame_sep, *tokens.image_start, *[tokens.image_context] * count, *tokens.image_end]
+    return ids
 
-    def __init__(self, config: NemotronNanoVLConfig, tokenizer: Any, dtype: torch.dtype = torch.float32) -> None:
+
+def evs_rate_of(options: Mapping[str, Any] | None, video_pruning_rate: float | None) -> float:
+    """The EVS rate a video is pruned at: the request's `evs_rate`, else the engine's
+    `--video-pruning-rate` (vLLM's own flag), else none."""
+    override = (options or {}).get("evs_rate")
+    return float(override) if override is not None else float(video_pruning_rate or 0.0)
+
+
+class NanoVLPreprocessor:
+    """Stands where an HF processor would: images -> tiles, videos -> frames, both as
+    normalised pixel values in the model's dtype, with what the model needs per item."""
+
+    def __init__(
+        self,
+        config: NemotronNanoVLConfig,
+        tokenizer: Any,
+        dtype: torch.dtype = torch.float32,
+        video_pruning_rate: float | None = None,
+    ) -> None:
         self.config = config
         self.dtype = dtype  # of the pixel values: the model's, so vLLM has nothing to cast
         self.tokenizer = tokenizer
+        self.tokens = SpecialTokens.from_tokenizer(tokenizer)
         self.image_size = config.force_image_size
-        self.tokens_per_frame = config.tokens_per_frame
-        self.img_start_ids = tokenizer.encode(IMG_START, add_special_tokens=False)
-        self.img_end_ids = tokenizer.encode(IMG_END, add_special_tokens=False)
-        self.img_context_ids = tokenizer.encode(IMG_CONTEXT, add_special_tokens=False)
-        if len(self.img_context_ids) != 1:
-            raise ValueError(f"tokenizer must encode {IMG_CONTEXT!r} as one token")
-        self.img_context_id = self.img_context_ids[0]
+        self.tokens_per_frame = config.tokens_per_frame  # also per image tile
+        self.video_pruning_rate = video_pruning_rate
 
     def __call__(
-        self, videos: Sequence[tuple[np.ndarray, Mapping[str, Any]]], return_tensors: Any = None, **kwargs: Any
+        self,
+        images: Sequence[Image.Image] | None = None,
+        videos: Sequence[tuple[np.ndarray, Mapping[str, Any]]] | None = None,
+        return_tensors: Any = None,
+        **kwargs: Any,
     ) -> BatchFeature:
-        options = encode_options(kwargs.get(CONFIG_KEY))
+        options = check_request_options(kwargs.get(CONFIG_KEY))
+        encoded = encode_options(options)
+        out: dict[str, Any] = {}
+        if images:
+            out |= self._images(images, max_num_tiles(kwargs.get("max_num_tiles")), encoded)
+        if videos:
+            out |= self._videos(videos, evs_rate_of(options, self.video_pruning_rate), encoded)
+        return BatchFeature(out)
+
+    def _images(self, images: Sequence[Image.Image], tiles_max: int, options: torch.Tensor) -> dict[str, Any]:
+        c = self.config
+        tiles = [
+            image_tiles(im, self.image_size, tiles_max, c.use_thumbnail, c.norm_mean, c.norm_std, self.dtype)
+            for im in images
+        ]
+        return {
+            "pixel_values_flat": torch.cat(tiles),
+            "image_num_patches": torch.tensor([len(t) for t in tiles]),
+            IMAGE_OPTIONS_FIELD: options.expand(len(images), len(OPTION_NAMES)).clone(),
+        }
+
+    def _videos(
+        self, videos: Sequence[tuple[np.ndarray, Mapping[str, Any]]], evs_rate: float, options: torch.Tensor
+    ) -> dict[str, Any]:
         for frames, _meta in videos:
             validate_frames(frames)
         num_frames = [len(frames) for frames, _meta in videos]
@@ -165,28 +225,58 @@ class NanoVLVideoPreprocessor:
         c = self.config
         for (frames, _meta), part in zip(videos, pixel_values.split(num_frames), strict=True):
             frames_to_pixel_values(frames, self.image_size, c.norm_mean, c.norm_std, out=part)
-        return BatchFeature(
-            {
-                "pixel_values_flat_video": pixel_values,  # every video's frames, written in place
-                "video_num_patches": torch.tensor(num_frames),
-                "frames_indices": [
-                    torch.as_tensor(video_frames_indices(frames, meta), dtype=torch.int64) for frames, meta in videos
-                ],
-                "frame_duration_ms": torch.tensor([frame_duration_ms(meta) for _f, meta in videos]),
-                OPTIONS_FIELD: options.expand(len(videos), len(OPTION_NAMES)).clone(),
-            }
-        )
+        return {
+            "pixel_values_flat_video": pixel_values,  # every video's frames, written in place
+            "video_num_patches": torch.tensor(num_frames),
+            "frames_indices": [
+                torch.as_tensor(video_frames_indices(frames, meta), dtype=torch.int64) for frames, meta in videos
+            ],
+            "frame_duration_ms": torch.tensor([frame_duration_ms(meta) for _f, meta in videos]),
+            EVS_FIELD: float_bits(torch.full((len(videos),), evs_rate, dtype=torch.float64)),
+            OPTIONS_FIELD: options.expand(len(videos), len(OPTION_NAMES)).clone(),
+        }
+
+    def image_replacement(self, num_tiles: int) -> PromptUpdateDetails:
+        """`<img>`, the image's visual tokens, `</img>`; only the visual tokens take embeddings."""
+        t = self.tokens
+        ids = [*t.image_start, *[t.image_context] * (num_tiles * self.tokens_per_frame), *t.image_end]
+        return PromptUpdateDetails.select_token_ids(ids, [t.image_context])
 
     def video_replacement(
-        self, num_frames: int, frames_indices: Sequence[int], duration_ms: int
+        self, num_frames: int, frames_indices: Sequence[int], duration_ms: int, evs_rate: float = 0.0
     ) -> PromptUpdateDetails:
-        """Token ids of a whole video; only the context tokens take visual embeddings."""
-        seps = frame_separators(frames_indices[:num_frames], duration_ms)
-        sep_ids = self.tokenizer(seps, add_special_tokens=False)["input_ids"]
-        ids: list[int] = []
-        for frame_sep in sep_ids:
-            ids += frame_sep + self.img_start_ids + self.img_context_ids * self.tokens_per_frame + self.img_end_ids
-        return PromptUpdateDetails.select_token_ids(ids, self.img_context_ids)
+        """Token ids of a whole video. Without EVS only the visual tokens take embeddings.
+        With EVS (as in-tree) the prompt holds the retained count, all in the first frame:
+        which frames keep how many is known only after the vision tower, so the model
+        returns embeddings for the whole span (frame text included, `evs.py`)."""
+        if not evs_rate:
+            ids = video_token_ids(
+                self.tokenizer, self.tokens, [self.tokens_per_frame] * num_frames, frames_indices, duration_ms
+            )
+            return PromptUpdateDetails.select_token_ids(ids, [self.tokens.image_context])
+        retained = compute_retained_tokens_count(self.tokens_per_frame, num_frames, evs_rate)
+        counts = [retained] + [0] * (num_frames - 1)
+        return PromptUpdateDetails.from_seq(
+            video_token_ids(self.tokenizer, self.tokens, counts, frames_indices, duration_ms)
+        )
+
+
+def max_num_tiles(value: object) -> int:
+    """`max_num_tiles` of `mm_processor_kwargs` (default 12, as in-tree)."""
+    if value is None:
+        return DEFAULT_MAX_NUM_TILES
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RequestError(
+            f"max_num_tiles must be a positive integer, got {str(value)[:40]!r}",
+            parameter="mm_processor_kwargs.max_num_tiles",
+        )
+    return value
+
+
+def float_bits(values: torch.Tensor) -> torch.Tensor:
+    """float64 values as their int64 bit patterns: vLLM casts floating-point multimodal
+    fields to the model's dtype (bf16 would turn 0.35 into 0.3496)."""
+    return values.to(torch.float64).view(torch.int64)
 
 
 def video_frames_indices(frames: np.ndarray, metadata: Mapping[str, Any]) -> list[int]:
@@ -201,8 +291,13 @@ class NanoVLProcessingInfo(BaseProcessingInfo):
     def get_hf_config(self) -> NemotronNanoVLConfig:
         return self.ctx.get_hf_config(NemotronNanoVLConfig)
 
-    def get_hf_processor(self, **kwargs: object) -> NanoVLVideoPreprocessor:
-        return NanoVLVideoPreprocessor(self.get_hf_config(), self.get_tokenizer(), self.ctx.model_config.dtype)
+    def get_hf_processor(self, **kwargs: object) -> NanoVLPreprocessor:
+        return NanoVLPreprocessor(
+            self.get_hf_config(),
+            self.get_tokenizer(),
+            self.ctx.model_config.dtype,
+            self.ctx.get_mm_config().video_pruning_rate,
+        )
 
     def get_supported_mm_processor_kwargs(self) -> dict[str, set[str]]:
         return {}
@@ -212,30 +307,37 @@ class NanoVLProcessingInfo(BaseProcessingInfo):
         return super().get_default_tok_params().with_kwargs(add_special_tokens=False)
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"video": None}
+        return {"image": None, "video": None}
 
     def get_data_parser(self) -> MultiModalDataParser:
         return MultiModalDataParser(video_needs_metadata=True, expected_hidden_size=expected_hidden_size(self))
+
+    def max_image_tiles(self) -> int:
+        """Tiles of the largest image at the default `max_num_tiles` (thumbnail included)."""
+        return DEFAULT_MAX_NUM_TILES + (1 if self.get_hf_config().use_thumbnail and DEFAULT_MAX_NUM_TILES > 1 else 0)
 
     def frame_token_cost(self) -> int:
         """Prompt tokens one frame costs, wrappers included (upper bound over indices)."""
         processor = self.get_hf_processor()
         longest_sep = "\nFrame 99999 sampled at 99999.99 seconds: "
         sep_len = len(processor.tokenizer.encode(longest_sep, add_special_tokens=False))
-        return sep_len + len(processor.img_start_ids) + processor.tokens_per_frame + len(processor.img_end_ids)
+        tokens = processor.tokens
+        return sep_len + len(tokens.image_start) + processor.tokens_per_frame + len(tokens.image_end)
 
     def get_num_frames_with_most_features(self, seq_len: int, mm_counts: Mapping[str, int]) -> int:
-        per_video = seq_len // max(mm_counts.get("video", 0), 1)
+        image_tokens = mm_counts.get("image", 0) * self.max_image_tiles() * self.get_hf_config().tokens_per_frame
+        per_video = (seq_len - image_tokens) // max(mm_counts.get("video", 0), 1)
         return max(per_video // self.frame_token_cost(), 1)
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        per_tile = self.get_hf_config().tokens_per_frame
         frames = self.get_num_frames_with_most_features(seq_len, mm_counts)
-        return {"video": frames * self.get_hf_config().tokens_per_frame}
+        return {"image": self.max_image_tiles() * per_tile, "video": frames * per_tile}
 
 
 class NanoVLDummyInputsBuilder(BaseDummyInputsBuilder[NanoVLProcessingInfo]):
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
-        return VIDEO_PLACEHOLDER * mm_counts.get("video", 0)
+        return IMAGE_PLACEHOLDER * mm_counts.get("image", 0) + VIDEO_PLACEHOLDER * mm_counts.get("video", 0)
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: Any = None) -> dict:
         size = self.info.get_hf_config().force_image_size
@@ -243,28 +345,36 @@ class NanoVLDummyInputsBuilder(BaseDummyInputsBuilder[NanoVLProcessingInfo]):
         videos = dummy_videos(
             self, width=size, height=size, num_frames=num_frames, num_videos=mm_counts.get("video", 0)
         )
-        return {"video": [(video, video_metadata(num_frames)) for video in videos]}
+        cols, rows = next((c, r) for c, r in target_ratios(DEFAULT_MAX_NUM_TILES) if c * r == DEFAULT_MAX_NUM_TILES)
+        images = dummy_images(self, width=cols * size, height=rows * size, num_images=mm_counts.get("image", 0))
+        return {"image": images, "video": [(video, video_metadata(num_frames)) for video in videos]}
 
 
 class NanoVLMultiModalProcessor(BaseMultiModalProcessor[NanoVLProcessingInfo]):
     def apply(self, inputs, timing_ctx):
-        # Check the reduction options first: whatever the preprocessor's __call__ raises,
+        # Check the request's options first: whatever the preprocessor's __call__ raises,
         # vLLM re-raises with the decoded media in the message (see vllm_compat).
         merged = self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs)
         check_request_options(merged.get(CONFIG_KEY))
+        max_num_tiles(merged.get("max_num_tiles"))
         return super().apply(inputs, timing_ctx)
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
         num_frames = hf_inputs.get("video_num_patches", torch.empty(0))
-        return dict(
-            pixel_values_flat_video=MultiModalFieldConfig.flat_from_sizes("video", num_frames),
-            video_num_patches=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
-            frames_indices=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
-            frame_duration_ms=MultiModalFieldConfig.batched("video", keep_on_cpu=True),
-            **{OPTIONS_FIELD: MultiModalFieldConfig.batched("video", keep_on_cpu=True)},
-        )
+        num_tiles = hf_inputs.get("image_num_patches", torch.empty(0))
+        return {
+            "pixel_values_flat": MultiModalFieldConfig.flat_from_sizes("image", num_tiles),
+            "image_num_patches": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            IMAGE_OPTIONS_FIELD: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            "pixel_values_flat_video": MultiModalFieldConfig.flat_from_sizes("video", num_frames),
+            "video_num_patches": MultiModalFieldConfig.batched("video", keep_on_cpu=True),
+            "frames_indices": MultiModalFieldConfig.batched("video", keep_on_cpu=True),
+            "frame_duration_ms": MultiModalFieldConfig.batched("video", keep_on_cpu=True),
+            EVS_FIELD: MultiModalFieldConfig.batched("video", keep_on_cpu=True),
+            OPTIONS_FIELD: MultiModalFieldConfig.batched("video", keep_on_cpu=True),
+        }
 
     def _get_prompt_updates(
         self,
@@ -273,18 +383,26 @@ class NanoVLMultiModalProcessor(BaseMultiModalProcessor[NanoVLProcessingInfo]):
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
         processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
-        tokenizer = self.info.get_tokenizer()
+        merged = self.info.ctx.get_merged_mm_kwargs(hf_processor_mm_kwargs)
+        options = check_request_options(merged.get(CONFIG_KEY))
+        tiles_max = max_num_tiles(merged.get("max_num_tiles"))
+        config = self.info.get_hf_config()
 
-        def replacement(item_idx: int) -> PromptUpdateDetails:
+        def image(item_idx: int) -> PromptUpdateDetails:
+            size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
+            tiles = num_tiles(size.width, size.height, config.force_image_size, tiles_max, config.use_thumbnail)
+            return processor.image_replacement(tiles)
+
+        def video(item_idx: int) -> PromptUpdateDetails:
             frames, metadata = mm_items["video"][item_idx]
             return processor.video_replacement(
-                frames.shape[0], video_frames_indices(frames, metadata), frame_duration_ms(metadata)
+                frames.shape[0],
+                video_frames_indices(frames, metadata),
+                frame_duration_ms(metadata),
+                evs_rate_of(options, processor.video_pruning_rate),
             )
 
         return [
-            PromptReplacement(
-                modality="video",
-                target=tokenizer.encode(VIDEO_PLACEHOLDER, add_special_tokens=False),
-                replacement=replacement,
-            )
+            PromptReplacement(modality="image", target=[processor.tokens.image_context], replacement=image),
+            PromptReplacement(modality="video", target=[processor.tokens.video], replacement=video),
         ]

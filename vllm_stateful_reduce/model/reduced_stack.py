@@ -28,7 +28,6 @@ from vllm.model_executor.models.nemotron_h import (
     NemotronHMambaDecoderLayer,
     NemotronHModel,
 )
-from vllm.multimodal.video_prune.evs import compute_retention_mask
 
 from .. import metadata as md
 from .. import scoring
@@ -134,11 +133,6 @@ class ReducibleNemotronHModel(NemotronHModel):
                 device_plan.visual_positions,
                 torch.zeros_like(device_plan.visual_rows, dtype=torch.float32),
             )
-            if any(r.config.evs_rate for r in plan.reducing):  # EVS-style pruning of the input, before block 0
-                with timer.phase("selection"):
-                    index, kept = self._select(plan, device_plan, kept, 0, self._evs_scores(plan, kept, hidden), total)
-                with timer.phase("compaction"):
-                    hidden, orig_rows = self._gather(hidden, index), orig_rows[index]
             history = [kept.positions]
         self._install(stages[0])
         config = plan.reducing[0].config if plan.reducing else None  # scoring choices are engine-wide
@@ -211,7 +205,7 @@ class ReducibleNemotronHModel(NemotronHModel):
     def _scored_stages(self, plan: StepPlan, config: ReductionConfig) -> set[int]:
         """Stages whose scores some selection uses: a stage that ends with a drop, and a
         stage whose scores a following stage without scoring blocks carries to its own
-        drop. (EVS alone, or a budget that keeps everything after EVS, scores nothing.)"""
+        drop."""
         needed, carried = set(), False
         for stage in reversed(range(len(self.boundaries))):
             if self._drops_at(plan, stage + 1) or carried:
@@ -249,20 +243,6 @@ class ReducibleNemotronHModel(NemotronHModel):
             generator = torch.Generator().manual_seed(1_000_003 * stage + count)
             ranking[i, torch.randperm(count, generator=generator).numpy()] = np.arange(count, 0, -1)
         return torch.from_numpy(ranking).to(kept.rows.device)
-
-    def _evs_scores(self, plan: StepPlan, kept: Kept, hidden: torch.Tensor) -> torch.Tensor:
-        """1 for the visual tokens vLLM's EVS rule keeps (frames in order), 0 for the rest;
-        requests without EVS rank all theirs 1 (their keep[0] is all of them)."""
-        ranking = torch.ones(kept.rows.shape, dtype=torch.float32, device=hidden.device)
-        side = int(round(self.visual_tokens.tokens_per_frame**0.5))
-        for i, r in enumerate(plan.reducing):
-            if r.config.evs_rate:
-                count = len(r.visual)
-                rows = hidden.index_select(0, kept.rows[i, :count])
-                frames = count // self.visual_tokens.tokens_per_frame
-                mask = compute_retention_mask(rows, (frames, side, side), 1, r.config.evs_rate)
-                ranking[i, :count] = mask.float()
-        return ranking
 
     def _install(self, stage_md: md.StageMetadata | None) -> None:
         """Put a stage's metadata in the forward context for every layer. (None: the

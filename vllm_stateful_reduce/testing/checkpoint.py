@@ -24,10 +24,6 @@ from .. import ARCHITECTURE
 from ..model.hf_config import NemotronNanoVLConfig, radio_prefix_tokens
 from .tokenizer import build_tokenizer
 
-TEACHERS = [{"name": "clip", "use_summary": True}, {"name": "siglip", "use_summary": True}]
-# RADIO's prefix tokens: a cls token per teacher, registers up to a multiple of 8 (8 in all)
-PREFIX_ARGS = {"register_multiple": 8, "teachers": TEACHERS, "cls_token_per_teacher": True}
-
 
 @dataclass
 class CheckpointSpec:
@@ -57,6 +53,18 @@ class CheckpointSpec:
     projector_hidden_size: int = 256
     max_position_embeddings: int = 32768
     seed: int = 0
+    # RADIO's position grid covers `cpe_max_size` px (vLLM interpolates it to the frame
+    # grid, as RADIO's CPE does); 0: the frame size, so nothing is interpolated
+    cpe_max_size: int = 0
+    teachers: tuple[str, ...] = ("clip", "siglip")  # one cls token each; registers pad to 8
+
+    @property
+    def prefix_args(self) -> dict:
+        return {"register_multiple": 8, "teachers": [{"name": t} for t in self.teachers], "cls_token_per_teacher": True}
+
+    @property
+    def position_grid(self) -> int:
+        return (self.cpe_max_size or self.image_size) // self.patch_size
 
     def text_config(self) -> NemotronHConfig:
         return NemotronHConfig(
@@ -93,8 +101,8 @@ class CheckpointSpec:
                 "num_hidden_layers": self.vit_layers,
                 "num_attention_heads": self.vit_heads,
                 "intermediate_size": self.vit_mlp,
-                "cpe_max_size": self.image_size,
-                **PREFIX_ARGS,
+                "cpe_max_size": self.cpe_max_size or self.image_size,
+                **self.prefix_args,
             },
         }
         return NemotronNanoVLConfig(
@@ -115,8 +123,8 @@ class CheckpointSpec:
 def vision_tensors(spec: CheckpointSpec, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """RADIO (timm ViT) tensors under the checkpoint's names, incl. buffers vLLM skips."""
     d, i, p = spec.vit_hidden_size, spec.vit_mlp, spec.patch_size
-    skip = radio_prefix_tokens(PREFIX_ARGS)  # cls tokens + registers
-    grid = (spec.image_size // p) ** 2
+    skip = radio_prefix_tokens(spec.prefix_args)  # cls tokens + registers
+    grid = spec.position_grid**2
 
     def rand(*shape: int, std: float = 0.02) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * std
@@ -128,7 +136,7 @@ def vision_tensors(spec: CheckpointSpec, gen: torch.Generator) -> dict[str, torc
         "model.patch_generator.cls_token.token": rand(skip, d),
         "input_conditioner.norm_mean": torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1),
         "input_conditioner.norm_std": torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1),
-        "summary_idxs": torch.arange(len(TEACHERS)),  # one cls token per teacher
+        "summary_idxs": torch.arange(len(spec.teachers)),  # one cls token per teacher
     }
     for layer in range(spec.vit_layers):
         b = f"model.blocks.{layer}."
@@ -170,12 +178,12 @@ def language_tensors(spec: CheckpointSpec, gen: torch.Generator) -> dict[str, to
     return state
 
 
-def build_checkpoint(out_dir: str | Path, spec: CheckpointSpec | None = None) -> Path:
+def build_checkpoint(out_dir: str | Path, spec: CheckpointSpec | None = None, reserved_tokens: int = 0) -> Path:
     """Write config.json, model.safetensors (bf16) and tokenizer files to `out_dir`."""
     spec = spec or CheckpointSpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out, vocab_size=spec.vocab_size)
+    tokenizer = build_tokenizer(out, vocab_size=spec.vocab_size, reserved=reserved_tokens)
     if len(tokenizer) > spec.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {spec.vocab_size}")
     gen = torch.Generator().manual_seed(spec.seed)
@@ -186,6 +194,88 @@ def build_checkpoint(out_dir: str | Path, spec: CheckpointSpec | None = None) ->
     config.img_context_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config.save_pretrained(out)
     (out / "build_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    return out
+
+
+# The real 62-block pattern of Nemotron Nano 12B v2 (28 Mamba2, 6 attention, 28 MLP).
+NANO_PATTERN = "M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"
+# The real config's ratios at small widths: 5:1 GQA, FFN 4x, Mamba 2x hidden in 8 groups,
+# 512 px tiles, a 2048 px position grid, four teachers' cls tokens + 4 registers.
+RECIPE_SPEC = CheckpointSpec(
+    pattern=NANO_PATTERN,
+    hidden_size=64,
+    num_attention_heads=5,
+    num_key_value_heads=1,
+    head_dim=32,  # the smallest vLLM's CPU attention runs
+    intermediate_size=256,
+    mamba_num_heads=8,
+    mamba_head_dim=16,
+    ssm_state_size=16,
+    n_groups=8,
+    image_size=512,
+    vit_hidden_size=32,
+    vit_layers=1,
+    vit_heads=2,
+    vit_mlp=64,
+    projector_hidden_size=256,
+    cpe_max_size=2048,
+    teachers=("clip", "siglip", "dino_v2", "sam"),
+)
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+REMOTE_CODE = Path(__file__).parent / "remote_code"
+
+
+def build_recipe_checkpoint(out_dir: str | Path, spec: CheckpointSpec = RECIPE_SPEC) -> Path:
+    """A small checkpoint that looks like the real Nano 12B v2 VL to vLLM: the real
+    config.json field set and values (only widths shrunk), `auto_map` to a config
+    module shipped in the folder (`remote_code/`, so `--trust-remote-code` runs remote
+    code), a tokenizer whose media tokens sit at other ids than the config's stale
+    `img_context_token_id` 18, and a RADIO position grid larger than the frame grid."""
+    out = build_checkpoint(out_dir, spec, reserved_tokens=20)
+    ours = json.loads((out / "config.json").read_text())
+    vision = ours["vision_config"] | {
+        "auto_map": {"AutoConfig": "configuration_radio.RADIOConfig"},
+        "version": "radio_v2.5-h",
+        "max_resolution": spec.cpe_max_size,
+        "model_type": "radio",
+    }
+    vision.pop("preferred_resolution")  # not known to be in the real one: vLLM then assumes 224
+    config = {
+        "architectures": ["NemotronH_Nano_VL_V2"],
+        "model_type": "NemotronH_Nano_VL_V2",
+        "auto_map": {
+            "AutoConfig": "configuration.NemotronH_Nano_VL_V2_Config",
+            "AutoModel": "modeling.NemotronH_Nano_VL_V2",
+        },
+        "force_image_size": spec.image_size,
+        "patch_size": spec.patch_size,
+        "downsample_ratio": 0.5,
+        "ps_version": "v2",
+        "image_tag_type": "internvl",
+        "template": None,
+        "use_thumbnail": True,
+        "vit_hidden_size": spec.vit_hidden_size,
+        "projector_hidden_size": spec.projector_hidden_size,
+        "norm_mean": CLIP_MEAN,
+        "norm_std": CLIP_STD,
+        "img_context_token": "<image>",
+        "img_start_token": "<img>",
+        "img_end_token": "</img>",
+        "video_context_token": "<video>",
+        "img_context_token_id": 18,  # a sibling config's value: not this tokenizer's <image>
+        "video_pruning_rate": 0.0,
+        "torch_dtype": "bfloat16",
+        "llm_config": ours["llm_config"] | {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h"},
+        "vision_config": vision,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for module in REMOTE_CODE.glob("configuration*.py"):
+        (out / module.name).write_text(module.read_text())
+    # the mean/std the tensors of the input conditioner carry (vLLM takes the config's)
+    tensors = load_file(out / "model.safetensors")
+    tensors["vision_model.radio_model.input_conditioner.norm_mean"] = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    tensors["vision_model.radio_model.input_conditioner.norm_std"] = torch.tensor(CLIP_STD).view(3, 1, 1)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
 
 
@@ -242,6 +332,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     for field, value in asdict(CheckpointSpec()).items():
+        if not isinstance(value, (int, float, str)):
+            continue
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = vars(parser.parse_args())
     out = build_checkpoint(args.pop("out_dir"), CheckpointSpec(**args))

@@ -8,10 +8,11 @@ sequence, no cache, no metadata - after each boundary block the dropped rows are
 simply removed, and greedy decoding re-runs the sequence with the same kept rows.
 Nothing here imports vLLM's model code.
 
-Covers checkpoints whose RADIO position grid equals the frame grid (the small
-checkpoints built here); the real model interpolates position embeddings (CPE).
+A position grid larger than the frame grid (the real checkpoint's 2048 px) is
+bilinearly resized to it, as RADIO's CPE does for square frames.
 """
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from torch import nn
 from transformers import AutoTokenizer, NemotronHConfig, NemotronHForCausalLM, PretrainedConfig
 
 from ..config import ReductionConfig
+from ..model.tokens import SpecialTokens
 from ..schedule import SCORING_KINDS, boundary_blocks, build_schedule
 
 
@@ -74,8 +76,11 @@ class ReferenceNanoVL(nn.Module):
         self.vit_heads = args["num_attention_heads"]
         self.vit_layers = args["num_hidden_layers"]
         self.patch = self.config["patch_size"]
-        self.image_context_id = self.config["img_context_token_id"]
-        self.video_end_length = len(AutoTokenizer.from_pretrained(ckpt).encode("</img>", add_special_tokens=False))
+        tokens = SpecialTokens.from_tokenizer(AutoTokenizer.from_pretrained(ckpt))
+        self.image_context_id = tokens.image_context  # from the tokenizer, as vLLM's model takes it
+        self.video_end_length = len(tokens.image_end)
+        side = self.config["force_image_size"] // self.config["patch_size"]
+        self.tokens_per_tile = int(side * side * self.config["downsample_ratio"] ** 2)  # per frame or image tile
         kinds = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*"}
         self.pattern = "".join(kinds.get(k, "-") for k in self.config["llm_config"]["layers_block_type"])
 
@@ -93,7 +98,7 @@ class ReferenceNanoVL(nn.Module):
         g = side // p
         # (n, 3, g*p, g*p) -> (n, g*g, 3*p*p), channel-major inside a patch
         x = pixel_values.reshape(n, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, 3 * p * p)
-        x = x @ w["model.patch_generator.embedder.weight"].T + w["model.patch_generator.pos_embed"]
+        x = x @ w["model.patch_generator.embedder.weight"].T + self.position_embeddings(g)
         prefix = w["model.patch_generator.cls_token.token"]
         x = torch.cat([prefix.expand(n, -1, -1), x], dim=1)
         for i in range(self.vit_layers):
@@ -114,6 +119,17 @@ class ReferenceNanoVL(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.mlp1["0.weight"]
         return F.relu(x @ self.mlp1["1.weight"].T).square() @ self.mlp1["3.weight"].T
 
+    def position_embeddings(self, grid: int) -> torch.Tensor:
+        """(1, grid*grid, width): the checkpoint's position grid, bilinearly resized to the
+        frame's patch grid when they differ (RADIO's CPE for square frames)."""
+        pos = self.vit["model.patch_generator.pos_embed"]
+        side = math.isqrt(pos.shape[1])
+        if side == grid:
+            return pos
+        square = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+        resized = F.interpolate(square, size=(grid, grid), mode="bilinear", align_corners=False).to(pos.dtype)
+        return resized.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
+
     @torch.no_grad()
     def logits(self, input_ids: list[int], pixel_values: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """(len(input_ids), vocab) logits; video i's features fill its `<image>` slots in order."""
@@ -132,13 +148,26 @@ class ReferenceNanoVL(nn.Module):
 
     # ------------------------------------------------------------ reduced forward
 
-    def visual_and_query(self, input_ids: list[int], prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions of the prompt's visual tokens and of the question Q: the prompt
-        text after the last video's closing `</img>` (empty without a video)."""
-        visual = torch.nonzero(torch.tensor(input_ids[:prompt_len]) == self.image_context_id).flatten()
-        query = (
-            torch.arange(int(visual[-1]) + 1 + self.video_end_length, prompt_len) if len(visual) else torch.arange(0)
-        )
+    def visual_and_query(
+        self,
+        input_ids: list[int],
+        prompt_len: int,
+        pixel_values: Sequence[torch.Tensor] = (),
+        modalities: Sequence[str] | None = None,
+        reduced: Sequence[str] = ("video",),
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of the visual tokens of the `reduced` modalities and of the question
+        Q: the prompt text after the last media's closing `</img>` (empty without media).
+        `modalities[i]` is what `pixel_values[i]` is (default: all videos); each item owns
+        the next tiles-or-frames x tokens-per-tile context slots of the prompt."""
+        slots = torch.nonzero(torch.tensor(input_ids[:prompt_len]) == self.image_context_id).flatten()
+        kinds = list(modalities or ["video"] * len(pixel_values))
+        per_item = [len(pv) * self.tokens_per_tile for pv in pixel_values] or [len(slots)]
+        owner = torch.repeat_interleave(torch.arange(len(per_item)), torch.tensor(per_item))
+        if len(owner) != len(slots):
+            raise ValueError(f"{len(slots)} <image> slots for media of {len(owner)} visual tokens")
+        visual = slots[torch.tensor([(kinds or ["video"])[int(o)] in reduced for o in owner], dtype=torch.bool)]
+        query = torch.arange(int(slots[-1]) + 1 + self.video_end_length, prompt_len) if len(slots) else torch.arange(0)
         return visual, query
 
     def run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -182,8 +211,7 @@ class ReferenceNanoVL(nn.Module):
     def _evs_keep(self, embeds: torch.Tensor, rate: float) -> torch.Tensor:
         """Visual tokens to keep: most changed since the previous frame (same spatial
         slot, 1 - cosine similarity), the first frame always; int(N (1 - rate)) of them."""
-        side = self.config["force_image_size"] // self.patch
-        per_frame = int(side * side * self.config["downsample_ratio"] ** 2)
+        per_frame = self.tokens_per_tile
         frames = embeds.view(-1, per_frame, embeds.shape[-1])
         change = 1 - F.cosine_similarity(frames[1:], frames[:-1], dim=-1)
         change = torch.cat([torch.full((1, per_frame), 255.0), change]).flatten()
@@ -198,19 +226,24 @@ class ReferenceNanoVL(nn.Module):
         config: ReductionConfig,
         num_prompt_tokens: int | None = None,
         kept: list[torch.Tensor] | None = None,
+        modalities: Sequence[str] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Last-position logits and, per stage, the kept original positions of the visual
-        tokens. With `kept` given, those rows are kept (decode steps) instead of scoring."""
+        tokens. With `kept` given, those rows are kept (decode steps) instead of scoring.
+        `modalities`: what each of `pixel_values` is (default: videos). With `evs_rate`
+        (one video), the prompt is the video's full layout and its most static tokens are
+        removed before block 0: the sequence an EVS-shortened prompt holds."""
         if config.selection != "scores":
             raise ValueError("the reference implements score-based selection only")
         pattern = self.pattern
-        visual, query = self.visual_and_query(input_ids, num_prompt_tokens or len(input_ids))
+        num_prompt = num_prompt_tokens or len(input_ids)
+        visual, query = self.visual_and_query(input_ids, num_prompt, pixel_values, modalities, config.modalities)
         boundaries = boundary_blocks(pattern, config)
         reduce = config.enabled and len(visual) > 0 and len(query) > 0
         rows = torch.arange(len(input_ids))  # original position of each current row
         h = self.embeds(input_ids, pixel_values)
         out_kept: list[torch.Tensor] = [visual]
-        if reduce and config.evs_rate:  # EVS before the LLM: drop the most static tokens
+        if config.evs_rate and len(visual):  # EVS before the LLM: drop the most static tokens
             out_kept = [kept[0] if kept is not None else visual[self._evs_keep(h[visual], config.evs_rate)]]
             stay = ~torch.isin(rows, visual) | torch.isin(rows, out_kept[0])
             h, rows = h[stay], rows[stay]
@@ -273,11 +306,18 @@ class ReferenceNanoVL(nn.Module):
         return self.lm.model.norm_f(h), rows
 
     @torch.no_grad()
-    def greedy(self, input_ids: list[int], pixel_values: list[torch.Tensor], config: ReductionConfig, max_tokens: int):
+    def greedy(
+        self,
+        input_ids: list[int],
+        pixel_values: list[torch.Tensor],
+        config: ReductionConfig,
+        max_tokens: int,
+        modalities: Sequence[str] | None = None,
+    ):
         """Greedy tokens, their log-probabilities (full vocab) and the kept positions."""
         ids, kept, tokens, logprobs = list(input_ids), None, [], []
         for _ in range(max_tokens):
-            logits, got = self.reduced_forward(ids, pixel_values, config, len(input_ids), kept)
+            logits, got = self.reduced_forward(ids, pixel_values, config, len(input_ids), kept, modalities)
             kept = kept or got
             lp = torch.log_softmax(logits.double(), -1)
             tokens.append(int(lp.argmax()))

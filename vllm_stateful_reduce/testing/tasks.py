@@ -3,7 +3,8 @@
 Each video is a row of small frames; a frame is grey or holds one 16 px coloured shape
 on the 16 px grid, inside one 32 px cell: one visual token of a model with 16 px ViT
 patches and pixel shuffle 0.5 (4 tokens per 64 px frame, 16 per 128 px frame). The
-question comes after the video and names what to look for, so a query-conditioned
+question names what to look for (a prompt puts it after or before the video:
+`tokenizer.ORDERS`), so a query-conditioned
 reduction must find the few frames that matter among distractors:
 
 - count:     "How many blue shapes are there?"                   -> "2"
@@ -16,9 +17,10 @@ reduction must find the few frames that matter among distractors:
 `after` and `second` name their answer's object only through another object or a
 count, so which token matters cannot be read off the question in shallow layers.
 
-Two presets (`FAMILIES`): "short" (8 frames of 64 px, the first four kinds: 32 visual
-tokens) and "long" (64 frames of 128 px, colour_of / shape_of / after / second: 1,024
-visual tokens, more than the frame text). Everything follows from an integer seed; train
+Three presets (`FAMILIES`): "short" (8 frames of 64 px, the first four kinds: 32 visual
+tokens), "long" (64 frames of 128 px, colour_of / shape_of / after / second: 1,024
+visual tokens, more than the frame text) and "compositional" (the long kinds on 16 frames
+of 128 px: 256 visual tokens). Everything follows from an integer seed; train
 and test use disjoint seed ranges. Answers are one word, scored by exact match.
 """
 
@@ -59,7 +61,13 @@ class Family:
     size: int
 
 
-FAMILIES = {"short": Family(KINDS, 8, 64), "long": Family(LONG_KINDS, 64, 128)}
+FAMILIES = {
+    "short": Family(KINDS, 8, 64),
+    "long": Family(LONG_KINDS, 64, 128),
+    # the long kinds on 16 frames (256 visual tokens): short enough for a small model to
+    # learn the compositional kinds, long enough that 25% keeps only 64 tokens
+    "compositional": Family(LONG_KINDS, 16, 128),
+}
 
 
 @dataclass(frozen=True)

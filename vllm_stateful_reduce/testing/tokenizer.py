@@ -12,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ..model.hf_config import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER
+from ..model.tokens import IMG_CONTEXT, IMG_END, IMG_START, VIDEO_PLACEHOLDER
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"  # ids 0, 1, 2 as NemotronH's config expects
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -34,11 +34,30 @@ CHAT_TEMPLATE = (
 )
 
 
-def chat_prompt(question: str, with_video: bool = True) -> str:
-    """CHAT_TEMPLATE's rendering of one user turn with the generation prompt, for
+ORDERS = ("video_first", "text_first")  # where a question stands relative to its video
+
+
+def chat_messages(question: str, order: str = "video_first", with_video: bool = True) -> list[dict]:
+    """One user turn as OpenAI content parts, the way clients send it: `video_first`
+    (video, then question; this project's examples) or `text_first` (question, then video;
+    the model's published recipe and most clients)."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    text = {"type": "text", "text": question}
+    if not with_video:
+        return [{"role": "user", "content": [text]}]
+    video = {"type": "video"}
+    return [{"role": "user", "content": [video, text] if order == "video_first" else [text, video]}]
+
+
+def chat_prompt(question: str, with_video: bool = True, order: str = "video_first") -> str:
+    """CHAT_TEMPLATE's rendering of `chat_messages` with the generation prompt, for
     offline prompts (tests check that the template renders exactly this)."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     video = "<video>\n" if with_video else ""
-    return f"{IM_START}user\n{video}{question}{IM_END}\n{IM_START}assistant\n"
+    content = video + question if order == "video_first" else question + video
+    return f"{IM_START}user\n{content}{IM_END}\n{IM_START}assistant\n"
 
 
 def default_corpus() -> list[str]:
@@ -54,15 +73,19 @@ def default_corpus() -> list[str]:
 
 
 def build_tokenizer(
-    out_dir: Path, vocab_size: int = 512, corpus: Iterable[str] | None = None
+    out_dir: Path, vocab_size: int = 512, corpus: Iterable[str] | None = None, reserved: int = 0
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on `corpus` and save it as an HF fast tokenizer."""
+    """Train a byte-level BPE on `corpus` and save it as an HF fast tokenizer.
+    `reserved`: that many `<SPECIAL_i>` tokens after pad/bos/eos (as the real tokenizer
+    has), which moves the media tokens' ids away from small constants."""
+    fillers = [f"<SPECIAL_{i}>" for i in range(3, 3 + reserved)]
+    special = [*SPECIAL_TOKENS[:3], *fillers, *SPECIAL_TOKENS[3:]]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -72,7 +95,7 @@ def build_tokenizer(
         pad_token=PAD,
         bos_token=BOS,
         eos_token=EOS,
-        additional_special_tokens=SPECIAL_TOKENS[3:],
+        additional_special_tokens=special[3:],
     )
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(out_dir)
