@@ -700,7 +700,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from vllm_stateful_reduce import REQUIRED_ENGINE_ARGS
-    from vllm_stateful_reduce.model.hf_config import IMG_CONTEXT, IMG_END
+    from vllm_stateful_reduce.model.tokens import IMG_CONTEXT, IMG_END
 
     common = {
         "dtype": "bfloat16",
