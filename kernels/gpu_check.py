@@ -10,7 +10,11 @@ Runs, each as its own process, and records pass/fail, counts, time and the outpu
    reduced path vs the plain-PyTorch reference in mixed batches (`tests/test_offline.py`,
    `tests/test_reduction.py`; float32, so with the TRITON_ATTN backend: FlashAttention has
    no float32), and the device audit and sync count (`tests/test_device_work.py`);
-3. `benchmarks/prefill_speedup.py --quick`.
+3. the processor against vLLM's in-tree Nano VL processor, which imports only where
+   torchvision does (`tests/test_intree_parity.py`: tile counts, pixel values, video
+   prompt ids), and images / EVS / the recipe's videos against the oracle
+   (`tests/test_media_oracle.py`);
+4. `benchmarks/prefill_speedup.py --quick`.
 Writes one JSON with every result and exits non-zero if anything failed. Without a
 CUDA GPU it says so, writes `{"gpu": null, ...}` and exits 0 without claiming anything.
 """
@@ -44,6 +48,10 @@ def steps(json_dir: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
         "kernels": ([*PYTEST, "tests/kernel_cases.py"], {**no_interpreter, "VSR_KERNEL_DEVICE": "cuda"}),
         "oracles": (
             [*PYTEST, "tests/test_offline.py", "tests/test_reduction.py", "tests/test_device_work.py"],
+            {**no_interpreter, "VSR_TEST_ATTENTION_BACKEND": "TRITON_ATTN"},
+        ),
+        "processor": (
+            [*PYTEST, "-rs", "tests/test_intree_parity.py", "tests/test_media_oracle.py"],
             {**no_interpreter, "VSR_TEST_ATTENTION_BACKEND": "TRITON_ATTN"},
         ),
         "benchmark": (

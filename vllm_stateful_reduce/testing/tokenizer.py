@@ -19,14 +19,16 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, IMG_CONTEXT, IMG_START, IMG_END, VIDEO_PLACEHOLDER, IM_START, IM_END]
 
 # Content may be a string (vLLM inserts "<video>" itself) or a list of OpenAI parts;
-# a video part renders as "<video>\n", the layout of a string prompt "<video>\n{question}".
+# a video part renders as "<video>\n", the layout of a string prompt "<video>\n{question}",
+# an image part as "<image>\n" (vLLM's in-tree placeholder for this model's images).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'text' %}{{ part['text'] }}"
-    "{% elif part['type'] in ('video', 'video_url') %}{{ '<video>\\n' }}{% endif %}"
+    "{% elif part['type'] in ('video', 'video_url') %}{{ '<video>\\n' }}"
+    "{% elif part['type'] in ('image', 'image_url') %}{{ '<image>\\n' }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
