@@ -1,6 +1,7 @@
 """Long-video QA accuracy under token reduction, through vLLM with the plugin.
 
-    python benchmarks/video_qa.py [--task long] [--model DIR] --json out.json --png out.png [--quick]
+    python benchmarks/video_qa.py [--task long] [--model DIR] [--order text-first] --json out.json --png out.png \
+        [--quick]
 
 Runs the held-out split of a `vllm_stateful_reduce.testing.tasks` family (`--task`: short,
 8 frames of 64 px, on models/video-qa-small; long, 64 frames of 128 px, on
@@ -18,7 +19,8 @@ for each method and budget and reports exact-match accuracy:
   evs                   EVS-style temporal-redundancy pruning before the LLM only
   evs_ours              EVS (50%) before the LLM, then ours to the same overall budget
 
-Methods that need a different engine-wide configuration get their own engine; the
+`--order` puts the question after the video (default) or before it, through the real chat
+template. Methods that need a different engine-wide configuration get their own engine; the
 budget (and the EVS rate) are per-request options. A budget a method cannot reach
 with the model's block layout is reported as null with the reason.
 """
@@ -65,13 +67,13 @@ def evs_then_ours(budget: float) -> dict:
     return {"evs_rate": 0.5, "budget": min(1.0, 2.0 * budget)}
 
 
-def engine_length(model: Path, examples: list) -> int:
+def engine_length(model: Path, examples: list, order: str) -> int:
     """max_model_len for the task's prompts: the longest one plus room for the answer, in
     512-token steps, at least 2,048 (both families fit in 2,048 today)."""
     from vllm_stateful_reduce.testing.encoding import Encoder
 
     encoder = Encoder(model)
-    return max(2048, 512 * math.ceil((max(len(encoder.prompt_ids(e)) for e in examples) + 16) / 512))
+    return max(2048, 512 * math.ceil((max(len(encoder.prompt_ids(e, order)) for e in examples) + 16) / 512))
 
 
 def main() -> None:
@@ -83,6 +85,13 @@ def main() -> None:
         "--quick",
         action="store_true",
         help="ours, fastv, random, ours_attention_only and evs at 25%% on 80 examples (~2 min)",
+    )
+    parser.add_argument(
+        "--order",
+        choices=["video-first", "text-first"],
+        default="video-first",
+        help="where the question stands: after the video (this project's prompts) or before it (the model's "
+        "recipe and most OpenAI clients)",
     )
     parser.add_argument("--methods", help="comma-separated in-LLM methods to run besides ours (default: all)")
     parser.add_argument("--json", type=Path)
@@ -115,10 +124,11 @@ def main() -> None:
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted(configs)}")
     configs = {k: configs[k] for k in configs if k == "ours" or k in chosen}
     examples = [make_example(s, family=args.task) for s in TEST_SEEDS[:n]]
-    length = engine_length(args.model, examples)
+    order = args.order.replace("-", "_")
+    length = engine_length(args.model, examples, order)
     prompts = [
         {
-            "prompt": chat_prompt(e.question),
+            "prompt": chat_prompt(e.question, order=order),
             "multi_modal_data": {"video": (e.frames, video_metadata(len(e.frames)))},
         }
         for e in examples
@@ -208,6 +218,7 @@ def main() -> None:
     report = {
         "model": str(args.model),
         "task": args.task,
+        "order": args.order,
         "examples": n,
         "budgets": budgets,
         "pattern": pattern,

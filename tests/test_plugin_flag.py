@@ -89,6 +89,28 @@ def test_user_hf_overrides_are_kept(serve_parser, real_layout_checkpoint) -> Non
     assert args.hf_overrides == {"vision_config": {"patch_size": 16}, **HF_OVERRIDES}
 
 
+@pytest.fixture(scope="module")
+def recipe_checkpoint(tmp_path_factory):
+    from vllm_stateful_reduce.testing.checkpoint import build_recipe_checkpoint
+
+    return build_recipe_checkpoint(tmp_path_factory.mktemp("recipe-config"))
+
+
+@pytest.mark.parametrize("trust", [True, False], ids=["--trust-remote-code", "no remote code"])
+def test_the_plugins_config_class_wins_over_remote_code(serve_parser, recipe_checkpoint, trust: bool) -> None:
+    """A checkpoint whose config.json names its own config module (`auto_map`): with the flag,
+    vLLM parses it with the plugin's class whether or not remote code is trusted; token ids
+    then come from the tokenizer, not the config's stale `img_context_token_id` (18)."""
+    from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
+
+    model = str(recipe_checkpoint)
+    trusted = ["--trust-remote-code"] if trust else []
+    args = engine_args(serve_parser, ["--model", model, "--plugin", "stateful-reduce", *trusted, *cpu_args(model)])
+    config = args.create_model_config().hf_config
+    assert isinstance(config, NemotronNanoVLConfig) and config.tokens_per_frame == 256
+    assert config.img_context_token_id == 18  # kept, unused: the tokenizer's <image> is another id
+
+
 @pytest.mark.parametrize(
     "extra,expected",
     [

@@ -237,3 +237,24 @@ def test_a_tokenizer_without_the_media_tokens_is_refused_at_start_up(processor) 
     assert real.image_context == processor.tokenizer.convert_tokens_to_ids("<image>")
     with pytest.raises(ValueError, match="encodes '<image>' as 7 tokens"):
         SpecialTokens.from_tokenizer(CharacterTokenizer())
+
+
+def test_a_128_frame_video_under_the_recipes_evs_has_in_tree_length(tmp_path) -> None:
+    """The recipe: 128 frames of 512 px at --video-pruning-rate 0.75. The prompt holds
+    vLLM's retained count (8,192 visual tokens; ~8.7k with the real tokenizer's frame text),
+    not 256 per frame (~34.7k): in-tree's length, and ~4x less KV than without EVS. (This
+    small tokenizer spells the frame text in more tokens than the real one.)"""
+    from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
+
+    from vllm_stateful_reduce.testing.checkpoint import build_recipe_checkpoint
+
+    ckpt = build_recipe_checkpoint(tmp_path)
+    processor = NanoVLPreprocessor(NemotronNanoVLConfig.from_pretrained(ckpt), AutoTokenizer.from_pretrained(ckpt))
+    indices = list(range(0, 256, 2))  # 2 fps from a 4 fps source
+    full = processor.video_replacement(128, indices, 250).full
+    evs = processor.video_replacement(128, indices, 250, 0.75).full
+    context = processor.tokens.image_context
+    assert evs.count(context) == compute_retained_tokens_count(256, 128, 0.75) == 8192
+    assert full.count(context) == 128 * 256
+    text = len(full) - 128 * 256  # separators and wrappers, the same with and without EVS
+    assert len(evs) == 8192 + text

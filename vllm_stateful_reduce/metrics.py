@@ -60,7 +60,7 @@ def counters() -> dict[str, Counter]:
             reduced=Counter("vllm:stateful_reduce_requests_reduced", "Video prefills reduced.", LABELS),
             unreduced=Counter(
                 "vllm:stateful_reduce_requests_unreduced",
-                "Video prefills served unreduced, by reason.",
+                "Prefills with images or video served unreduced, by reason.",
                 (*LABELS, "reason"),
             ),
             work=Counter(
@@ -101,7 +101,8 @@ class ReductionMetrics:
         return cls(str(vllm_config.model_config.served_model_name), engine, num_stages, active)
 
     def record_plan(self, plan: StepPlan) -> None:
-        """The video prefills of one step: reduced, or unreduced and why."""
+        """The prefills with media of one step: reduced, or unreduced and why (an image-only
+        prompt whose modality is not reduced too; its visual tokens are not counted)."""
         if not self.active:
             return
         for request in plan.reducing:
@@ -110,8 +111,6 @@ class ReductionMetrics:
                 counter.inc(kept)
             self._reduced.inc()
         for skip in (*plan.skipped, *plan.disabled):
-            if not skip.num_visual:  # a text-only prompt split across steps
-                continue
             self._visual.inc(skip.num_visual)
             for counter in self._kept:
                 counter.inc(skip.num_visual)
