@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from vllm_stateful_reduce import ARCHITECTURE, REQUIRED_ENGINE_ARGS
+from vllm_stateful_reduce import HF_OVERRIDES, REQUIRED_ENGINE_ARGS
 from vllm_stateful_reduce.config import ReductionConfig, parse
 from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 from vllm_stateful_reduce.schedule import build_schedule
@@ -124,7 +124,7 @@ def engine_kwargs(args: argparse.Namespace, reduction: ReductionConfig) -> dict[
     """`LLM(...)` arguments: the plugin's engine settings plus the job's options."""
     return {
         "model": str(args.model),
-        "hf_overrides": {"architectures": [ARCHITECTURE]},
+        "hf_overrides": HF_OVERRIDES,  # the plugin's architecture and config class
         "dtype": args.dtype,
         "max_model_len": args.max_model_len,
         "max_num_batched_tokens": args.max_model_len,  # a prompt is prefilled in one step
@@ -136,12 +136,14 @@ def engine_kwargs(args: argparse.Namespace, reduction: ReductionConfig) -> dict[
     }
 
 
-def kept_per_stage(prompt_token_ids: Sequence[int], hf_config: Any, reduction: ReductionConfig) -> list[int] | None:
+def kept_per_stage(
+    prompt_token_ids: Sequence[int], hf_config: Any, tokenizer: Any, reduction: ReductionConfig
+) -> list[int] | None:
     """Visual tokens each stage keeps: fixed by the schedule and the prompt (which ones
     the engine picks is its own choice); None when nothing is dropped."""
     if not reduction.enabled:
         return None
-    visual = list(prompt_token_ids).count(hf_config.img_context_token_id)
+    visual = list(prompt_token_ids).count(tokenizer.convert_tokens_to_ids("<image>"))
     if not visual:
         return None
     counts = build_schedule(hf_config.text_config.hybrid_override_pattern, reduction).keep_counts(
@@ -226,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "video": batch[slot].video,
                     "question": batch[slot].question,
                     "answer": result.outputs[0].text.strip(),
-                    "kept_visual_tokens": kept_per_stage(result.prompt_token_ids, hf_config, args.reduction),
+                    "kept_visual_tokens": kept_per_stage(result.prompt_token_ids, hf_config, tokenizer, args.reduction),
                     "timing": timings(result.metrics),
                 }
             out.writelines(json.dumps(line) + "\n" for line in lines)

@@ -122,11 +122,12 @@ def accuracy(
     reduction: ReductionConfig | None = None,
     family: str = "short",
     order: str = "video_first",
+    num_frames: int | None = None,
 ) -> dict[str, float]:
     kinds = FAMILIES[family].kinds
     out = {}
     for kind in kinds:
-        examples = [make_example(s, kind=kind, family=family) for s in seeds[:per_kind]]
+        examples = [make_example(s, num_frames, kind=kind, family=family) for s in seeds[:per_kind]]
         out[kind] = answered(model, enc, examples, reduction, order).float().mean().item()
     out["mean"] = sum(out[k] for k in kinds) / len(kinds)
     return out
@@ -157,9 +158,9 @@ def main() -> None:
     parser.add_argument(
         "--frames",
         type=lambda v: [int(f) for f in v.split(",")],
-        help="frames per training video, as stages of equal length, e.g. 16,32,64 (default: the task's); "
-        "held-out accuracy always uses the task's frames",
+        help="frames per training video, as stages of equal length, e.g. 16,32,64 (default: the task's)",
     )
+    parser.add_argument("--eval-frames", type=int, help="frames of the held-out videos (default: the task's)")
     parser.add_argument("--steps", type=int, default=1800, help="optimizer steps (~20 min on one core)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -266,7 +267,7 @@ def main() -> None:
         if step % args.eval_every == 0:
             model.eval()
             acc = {
-                name: accuracy(model, enc, held_out, args.eval_examples, r, args.task, o)
+                name: accuracy(model, enc, held_out, args.eval_examples, r, args.task, o, args.eval_frames)
                 for name, (r, o) in watch.items()
             }
             model.train()
@@ -283,7 +284,8 @@ def main() -> None:
 
     model.eval()
     final = {
-        name: accuracy(model, enc, held_out, 2 * args.eval_examples, r, args.task, o) for name, (r, o) in watch.items()
+        name: accuracy(model, enc, held_out, 2 * args.eval_examples, r, args.task, o, args.eval_frames)
+        for name, (r, o) in watch.items()
     }
     args.out.mkdir(parents=True, exist_ok=True)
     for f in start_ckpt.iterdir():
