@@ -160,6 +160,12 @@ def main() -> None:
         type=lambda v: [int(f) for f in v.split(",")],
         help="frames per training video, as stages of equal length, e.g. 16,32,64 (default: the task's)",
     )
+    parser.add_argument(
+        "--clutter",
+        type=lambda v: [float(c) for c in v.split(",")],
+        default=[0.0, 0.6],
+        help="distractor share of training videos, drawn uniformly from LO,HI (the test split has 0.6)",
+    )
     parser.add_argument("--eval-frames", type=int, help="frames of the held-out videos (default: the task's)")
     parser.add_argument("--steps", type=int, default=1800, help="optimizer steps (~20 min on one core)")
     parser.add_argument("--batch", type=int, default=16)
@@ -243,7 +249,7 @@ def main() -> None:
             make_example(
                 seed + i, num_frames=frames, kind=kinds[(seed + i) % len(kinds)], clutter=clutter, family=args.task
             )
-            for i, clutter in enumerate(torch.rand(args.batch).mul(0.6).tolist())
+            for i, clutter in enumerate(torch.empty(args.batch).uniform_(*args.clutter).tolist())
         ]
         orders = [ORDERS[int(b)] for b in torch.randint(2, (args.batch,))] if args.order == "mixed" else None
         examples = [
