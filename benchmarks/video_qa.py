@@ -5,7 +5,7 @@
 
 Runs the held-out split of a `vllm_stateful_reduce.testing.tasks` family (`--task`: short,
 8 frames of 64 px, on models/video-qa-small; long, 64 frames of 128 px, on
-models/video-qa-long) with offline `LLM.generate`
+models/video-qa-long; compositional, 16 frames of 128 px, on models/video-qa-orders) with offline `LLM.generate`
 for each method and budget and reports exact-match accuracy:
 
   full                  all visual tokens
@@ -38,7 +38,11 @@ os.environ.setdefault("VLLM_PLUGINS", "stateful_reduce")
 
 BUDGETS = [0.5, 0.35, 0.25, 0.15]
 MODELS = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_MODEL = {"short": MODELS / "video-qa-small", "long": MODELS / "video-qa-long"}
+DEFAULT_MODEL = {
+    "short": MODELS / "video-qa-small",
+    "long": MODELS / "video-qa-long",
+    "compositional": MODELS / "video-qa-orders",
+}
 QUICK_METHODS = ["fastv", "random", "ours_attention_only"]  # besides ours (which also hosts full and evs)
 
 
