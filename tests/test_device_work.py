@@ -246,10 +246,10 @@ def test_model_runner_v2_state_hands_the_model_the_v1_batch(llm) -> None:
     steps = []
     set_batch = NemotronNanoVLStatefulReduce.set_batch
 
-    def recording(self, rows, block_tables):
+    def recording(self, rows, block_tables, live=()):
         if rows:
             steps.append((list(rows), {r[0]: runner.requests[r[0]] for r in rows}))
-        return set_batch(self, rows, block_tables)
+        return set_batch(self, rows, block_tables, live)
 
     NemotronNanoVLStatefulReduce.set_batch = recording
     try:

@@ -226,3 +226,34 @@ def test_boundaries_without_drops_match_reference(llm, reference, hf_config, fra
     _, ours = served_like_reference(llm, reference, hf_config, random_video(frames, seed=8), options)
     counts = [len(k) for k in ours]
     assert any(a == b for a, b in pairwise(counts)), counts  # the path under test
+
+
+def _skipped_running_request(worker) -> dict:
+    """In the worker: a reduced request "held" is running but not scheduled in a step (the
+    runner keeps it, the scheduler skipped it); then it leaves the runner. Its dropped counts
+    must survive the first step and go with the second."""
+    from vllm_stateful_reduce.plan import plan_step
+
+    model = worker.model_runner.model
+    stack = model.language_model.model
+    stack.state.record("held", [0, 5, 9, 12])
+    other = ("other", 4, None, 4, 1, [1, 2, 3, 4], ())  # a text request decoding
+
+    def step(live: set[str]) -> dict:
+        model.set_batch([other], [], live)
+        stages = len(stack.boundaries) + 1
+        plan = plan_step(stack.batch.requests, stack.state.dropped, stack.visual_tokens, stack._schedule, stages)
+        stack._record_plan(plan)
+        model.set_batch([], [])
+        return dict(stack.state.dropped)
+
+    return {"skipped": step({"held", "other"}), "left": step({"other"})}
+
+
+def test_a_running_request_skipped_for_a_step_keeps_its_dropped_counts(llm) -> None:
+    """vLLM takes a running request that is not scheduled in a step out of the runner's input
+    batch but keeps it; its later decode steps read a compacted KV layout, so its dropped
+    counts must outlive the step (they were forgotten with every step's batch)."""
+    seen = llm.llm_engine.collective_rpc(_skipped_running_request)[0]
+    assert seen["skipped"].get("held") == [0, 5, 9, 12]
+    assert "held" not in seen["left"]

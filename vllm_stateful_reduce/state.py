@@ -47,6 +47,11 @@ class RunnerBatch:
 
     requests: tuple[RequestInfo, ...] = ()  # batch order; empty for dummy / profile runs
     block_tables: tuple[Any, ...] = ()  # per KV-cache group, (R, blocks) on the device, manager blocks
+    # every request the runner still holds, scheduled in this step or not: a running request
+    # the scheduler skips for a step keeps its dropped counts; they go when it leaves the
+    # runner (finish, abort). A preempted one is recomputed as a fresh prefill, which
+    # overwrites them.
+    live: frozenset[str] = frozenset()
 
 
 @dataclass

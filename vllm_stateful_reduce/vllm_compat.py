@@ -282,8 +282,11 @@ def install_runner_glue() -> None:
     the processor adds, kept with the request's multimodal features), and the
     host-side counts and prompt ids the runner already holds (tokens computed before
     this step, tokens of this step), so the model plans the step without reading the
-    device; and the block table of every KV-cache group (device tensors, manager
-    blocks), which later stages' attention metadata is built on.
+    device; the media spans (and an EVS video's real layout, from the encoder cache);
+    the block table of every KV-cache group (device tensors, manager blocks), which
+    later stages' attention metadata is built on; and the ids of every request the
+    runner holds (`runner.requests`: a running request the scheduler skipped for a step
+    is out of the input batch but still there), so dropped counts outlive a skipped step.
     """
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -310,7 +313,7 @@ def install_runner_glue() -> None:
             media = media_spans(request.mm_features, laid_out)
             rows.append((req_id, request.num_prompt_tokens, overrides, computed[i], scheduled[i], prompt, media))
         block_tables = [table.get_device_tensor(num_reqs) for table in batch.block_table.block_tables]
-        model.set_batch(rows, block_tables)
+        model.set_batch(rows, block_tables, self.requests.keys())  # requests: all the runner holds
         try:
             return original(self, *args, **kwargs)
         finally:
@@ -440,7 +443,7 @@ def model_state_cls() -> type:
             if not self.model.attention_groups_bound():
                 bind_to_runner(self.model, attn_groups, self.model_config.get_vocab_size(), self.device)
             rows = batch_rows(input_batch, self.prompts)
-            self.model.set_batch(rows, block_tables if rows else [])
+            self.model.set_batch(rows, block_tables if rows else [], self.prompts.keys())
             return super().prepare_attn(
                 input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups, *args, **kwargs
             )

@@ -141,17 +141,19 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
                 nn.Linear(config.projector_hidden_size, config.text_config.hidden_size, bias=False),
             ).to(dtype)
 
-    def set_batch(self, requests: list[tuple], block_tables: list[torch.Tensor]) -> None:
+    def set_batch(self, requests: list[tuple], block_tables: list[torch.Tensor], live: Iterable[str] = ()) -> None:
         """Called by the runner glue before each forward: for every row of the batch in
         batch order (req_id, prompt length, per-request overrides, tokens computed
-        before this step, tokens of this step, prompt token ids, media spans), and the
-        block table of every KV-cache group."""
+        before this step, tokens of this step, prompt token ids, media spans), the
+        block table of every KV-cache group, and the ids of every request the runner
+        still holds (`RunnerBatch.live`)."""
         self.language_model.model.batch = RunnerBatch(
             tuple(
                 RequestInfo(req_id, num_prompt, self._request_config(overrides), computed, scheduled, prompt_ids, media)
                 for req_id, num_prompt, overrides, computed, scheduled, prompt_ids, media in requests
             ),
             tuple(block_tables),
+            frozenset(live),
         )
 
     def bind_attention_groups(self, groups: list) -> None:

@@ -100,7 +100,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         return out
 
     def _record_plan(self, plan: StepPlan) -> None:
-        self.state.forget_all_but(info.req_id for info in self.batch.requests)
+        self.state.forget_all_but(self.batch.live)
         for req_id, dropped in plan.dropped.items():
             self.state.record(req_id, dropped)
         self.metrics.record_plan(plan)
