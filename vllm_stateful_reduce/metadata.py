@@ -45,13 +45,14 @@ class StageLayers:
 @dataclass(frozen=True)
 class StageBuilders:
     """One of the runner's attention groups with a metadata builder of its backend for
-    each stage (stage 0 too, so every stage is built alike). A builder may keep
-    per-build state (FlashInfer plans its wrappers), so stages built before block 0 do
-    not share one, nor use the runner's; they are made when the runner makes its own
+    each stage after the first boundary (stage 0, before any drop, keeps the runner's
+    own metadata: `builders[0]` is None). A builder may keep per-build state (FlashInfer
+    plans its wrappers), so stages built before block 0 do not share one, nor use the
+    runner's; they are made when the runner makes its own
     (`vllm_compat.stage_builders`), before the KV cache tensors are allocated."""
 
     group: Any  # vllm's AttentionGroup, the runner's: layers, KV-cache group, kernel blocks
-    builders: tuple[Any, ...]  # builders[j] builds stage j (vLLM metadata builders)
+    builders: tuple[Any, ...]  # builders[j] builds stage j >= 1 (vLLM metadata builders); builders[0] is None
 
     @property
     def layer_names(self) -> list[str]:

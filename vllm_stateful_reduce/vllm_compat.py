@@ -335,12 +335,12 @@ def media_spans(mm_features, laid_out: frozenset[str] = frozenset()) -> tuple:
     """Where each image and video sits in the prompt (`MultiModalFeatureSpec.mm_position`);
     an EVS video whose real layout was not read (`laid_out`: their identifiers) is marked
     so the planner does not take its first-frame placeholder for the real rows."""
-    from .model.processing import EVS_FIELD
+    from .model.processing import EVS_FIELD, float_values
     from .state import MediaSpan
 
     def evs(feature) -> bool:
         data = feature.data or {}
-        return EVS_FIELD in data and data[EVS_FIELD].data.flatten().view(torch.float64).item() > 0
+        return EVS_FIELD in data and float_values(data[EVS_FIELD].data)[0] > 0
 
     return tuple(
         MediaSpan(f.modality, f.mm_position.offset, f.mm_position.length, not evs(f) or f.identifier in laid_out)

@@ -41,6 +41,7 @@ from .processing import (
     NanoVLDummyInputsBuilder,
     NanoVLMultiModalProcessor,
     NanoVLProcessingInfo,
+    float_values,
     video_token_ids,
 )
 from .reduced_stack import ReducibleNemotronHForCausalLM
@@ -68,8 +69,7 @@ def _flat_pixels(value: object) -> torch.Tensor:
 
 def _per_item_floats(value: object) -> list[float]:
     """A per-item float64 field the processor sent as int64 bits (`processing.float_bits`)."""
-    bits = torch.stack([torch.as_tensor(v).flatten() for v in _items(value)]).flatten()
-    return bits.view(torch.float64).tolist()
+    return float_values(torch.stack([torch.as_tensor(v).flatten() for v in _items(value)]))
 
 
 def pixel_shuffle(x: torch.Tensor, scale_factor: float) -> torch.Tensor:

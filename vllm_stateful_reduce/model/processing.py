@@ -56,7 +56,7 @@ def encode_options(options: Mapping[str, Any] | None) -> torch.Tensor:
 
 
 def decode_options(encoded: torch.Tensor) -> dict | None:
-    values = encoded.flatten().view(torch.float64).tolist()
+    values = float_values(encoded)
     out = {k: v for k, v in zip(OPTION_NAMES, values, strict=True) if v == v}  # drop NaN
     if "enabled" in out:
         out["enabled"] = bool(out["enabled"])
@@ -277,6 +277,11 @@ def float_bits(values: torch.Tensor) -> torch.Tensor:
     """float64 values as their int64 bit patterns: vLLM casts floating-point multimodal
     fields to the model's dtype (bf16 would turn 0.35 into 0.3496)."""
     return values.to(torch.float64).view(torch.int64)
+
+
+def float_values(bits: torch.Tensor) -> list[float]:
+    """What `float_bits` encoded, flattened."""
+    return bits.flatten().view(torch.float64).tolist()
 
 
 def video_frames_indices(frames: np.ndarray, metadata: Mapping[str, Any]) -> list[int]:

@@ -273,9 +273,9 @@ class ReducibleNemotronHModel(NemotronHModel):
         missing = mine - {name for g in ours for name in g.layer_names}
         if missing:
             raise ValueError(f"no attention group of the runner holds layers {sorted(missing)}")
-        num_stages = len(self.boundaries) + 1
+        reduced_stages = len(self.boundaries)  # stage 0 keeps the runner's layout: no builder
         self.attention_groups = tuple(
-            md.StageBuilders(g, stage_builders(g, self.vllm_config, num_stages)) for g in ours
+            md.StageBuilders(g, (None, *stage_builders(g, self.vllm_config, reduced_stages))) for g in ours
         )
 
 
