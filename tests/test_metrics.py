@@ -1,7 +1,8 @@
 """The plugin's Prometheus figures on the server's `/metrics` (one real server).
 
 Known requests go in (reduced at the default and at an overridden budget, reduction
-turned off, an infeasible budget, a budget with nothing to drop, text only); the figures
+turned off, an infeasible budget, a budget with nothing to drop, the question before the
+video - unreduced by default, reduced when asked - and text only); the figures
 read back from `/metrics` must equal what the schedule says for them. The oracle: the
 prompt's visual tokens counted in the token ids the server's own `/tokenize` returns for
 the same messages, and the schedule's keep counts for each request's settings.
@@ -25,13 +26,15 @@ pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 PREFIX = "vllm:stateful_reduce_"
 QUESTION = "What happens in this video?"
-# per-request options -> how the request is served (None: reduced)
+# (per-request options, question first?) -> why it is served unreduced, or (None) what scored its reduction
 REQUESTS = {
-    "default": ({}, None),
-    "budget 0.5": ({"budget": 0.5}, None),
-    "off": ({"enabled": False}, "disabled"),
-    "infeasible": ({"budget": 0.1}, "infeasible"),  # below the 13-block pattern's smallest depth average
-    "keep all": ({"budget": 1.0}, "nothing_to_drop"),
+    "default": ({}, False, None, "question"),
+    "budget 0.5": ({"budget": 0.5}, False, None, "question"),
+    "off": ({"enabled": False}, False, "disabled", None),
+    "infeasible": ({"budget": 0.1}, False, "infeasible", None),  # below the 13-block pattern's smallest depth average
+    "keep all": ({"budget": 1.0}, False, "nothing_to_drop", None),
+    "question first": ({}, True, "question_before_media", None),
+    "question first, reduced": ({"reduce_question_before_media": True}, True, None, "template_tail"),
 }
 
 
@@ -68,10 +71,10 @@ def plugin_figures(server: str) -> dict[tuple, float]:
     return figures
 
 
-def messages(video_url: str | None) -> list[dict]:
+def messages(video_url: str | None, question_first: bool = False) -> list[dict]:
     content = [{"type": "text", "text": QUESTION}]
     if video_url is not None:
-        content.insert(0, video_part(video_url))
+        content.insert(len(content) if question_first else 0, video_part(video_url))
     return [{"role": "user", "content": content}]
 
 
@@ -88,13 +91,13 @@ def test_figures_match_the_requests(client, server, video_url) -> None:
         key = (PREFIX + name + "_total", tuple(sorted(labels.items())))
         expected[key] = expected.get(key, 0.0) + value
 
-    for options, reason in REQUESTS.values():
+    for options, _, reason, query in REQUESTS.values():
         add("visual_tokens", num_visual)
         if reason is None:
             config = parse(options)
             keep = build_schedule(pattern, config).keep_counts(num_visual, config.min_keep)
             assert keep[0] == num_visual > keep[-1]  # something is dropped
-            add("requests_reduced", 1)
+            add("requests_reduced", 1, query=query)
         else:
             keep = [num_visual] * num_stages
             add("requests_unreduced", 1, reason=reason)
@@ -103,12 +106,12 @@ def test_figures_match_the_requests(client, server, video_url) -> None:
 
     before = plugin_figures(server)
     start = time.monotonic()
-    for options, _ in REQUESTS.values():
+    for options, question_first, _, _ in REQUESTS.values():
         out = client.chat.completions.create(
             model=model,
             max_tokens=3,
             temperature=0.0,
-            messages=messages(video_url),
+            messages=messages(video_url, question_first),
             extra_body={"mm_processor_kwargs": {"stateful_reduce": options}},
         )
         assert out.choices[0].finish_reason

@@ -8,13 +8,13 @@ import numpy as np
 import torch
 
 from vllm_stateful_reduce.config import parse
-from vllm_stateful_reduce.plan import VisualTokens, plan_step
+from vllm_stateful_reduce.plan import PromptTokens, plan_step
 from vllm_stateful_reduce.schedule import build_schedule
 from vllm_stateful_reduce.selection import Kept, compact, top_k
 from vllm_stateful_reduce.state import MediaSpan, RequestInfo
 
 PATTERN = "M*-M-M*-M-M*-"  # boundaries after blocks 1, 6, 11: four stages
-VIS = VisualTokens(context_token_id=9)
+VIS = PromptTokens(context_token_id=9)
 CONFIG = parse({"min_keep": 4})
 
 
@@ -105,6 +105,25 @@ def test_plain_steps_are_not_active() -> None:
     assert not plan.active and plan.dropped == {"text": [], "off": []}
     split = plan_step([info("split", video, scheduled=10)], {}, VIS, schedule_for, num_stages=4)
     assert not split.active and [s.reason for s in split.skipped] == ["prompt_split_across_steps"]
+
+
+def test_question_before_media_is_served_unreduced_unless_asked() -> None:
+    """A chat prompt whose question precedes the video: after the media only whitespace,
+    then the template's end of turn (special id 11) and the assistant prefix."""
+    tokens = PromptTokens(context_token_id=9, special=frozenset({10, 11}), blank=frozenset({12}))
+    tail = [12, 11, 12, 10, 4, 4, 12]  # "\n<|im_end|>\n<|im_start|>assistant\n"
+    first = prompt(6, question=0) + tail
+    after = prompt(6, question=0) + [12, 3, 3, 11] + tail[2:]  # "\nQ?<|im_end|>..."
+    forced = CONFIG.with_overrides({"reduce_question_before_media": True})
+    batch = [info("first", first), info("after", after), info("forced", first, config=forced)]
+    plan = plan_step(batch, {}, tokens, schedule_for, num_stages=4)
+    assert [(s.req_id, s.kind, s.num_visual) for s in plan.skipped] == [("first", "question_before_media", 24)]
+    assert [(r.req_id, r.query, r.num_query) for r in plan.reducing] == [
+        ("after", "question", 4 + len(tail) - 2),
+        ("forced", "template_tail", len(tail)),
+    ]
+    # without the tokenizer's markers every row after the media counts as the question
+    assert [r.query for r in plan_step(batch[:1], {}, VIS, schedule_for, num_stages=4).reducing] == ["question"]
 
 
 def test_batched_selection_matches_a_per_request_loop() -> None:

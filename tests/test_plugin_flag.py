@@ -150,7 +150,9 @@ def test_card_command_serves_a_video(real_layout_checkpoint, media, tmp_path) ->
         assert answer.usage.prompt_tokens > 6 * 4
         metrics = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
     # the CLI entry turns Prometheus' multiprocess mode on: the worker's figures reach /metrics
-    reduced = re.search(r"^vllm:stateful_reduce_requests_reduced_total\{[^}]*\} (\S+)$", metrics, re.M)
+    reduced = re.search(
+        r'^vllm:stateful_reduce_requests_reduced_total\{[^}]*query="question"[^}]*\} (\S+)$', metrics, re.M
+    )
     assert reduced and float(reduced.group(1)) == 1.0, metrics[-3000:]
     log = log_path.read_text(errors="replace")
     expected = [

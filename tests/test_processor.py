@@ -220,6 +220,9 @@ def test_per_request_options_survive_the_model_dtype() -> None:
     assert not encoded.is_floating_point()
     assert decode_options(encoded) == {"budget": 0.35, "evs_rate": 0.3}
     assert decode_options(encode_options({"enabled": False})) == {"enabled": False}
+    assert decode_options(encode_options({"reduce_question_before_media": True})) == {
+        "reduce_question_before_media": True
+    }
     assert decode_options(encode_options(None)) is None
 
 

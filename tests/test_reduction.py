@@ -36,10 +36,16 @@ def hf_config(checkpoint) -> NemotronNanoVLConfig:
     return NemotronNanoVLConfig.from_pretrained(checkpoint)
 
 
-def request(video: np.ndarray | None, question: str = "Which frame shows the red square?", options: dict | None = None):
+def request(
+    video: np.ndarray | None,
+    question: str = "Which frame shows the red square?",
+    options: dict | None = None,
+    order: str = "video_first",
+):
     if video is None:
         return {"prompt": chat_prompt(question, with_video=False)}
-    out = {"prompt": chat_prompt(question), "multi_modal_data": {"video": (video, video_metadata(len(video)))}}
+    prompt = chat_prompt(question, order=order)
+    out = {"prompt": prompt, "multi_modal_data": {"video": (video, video_metadata(len(video)))}}
     if options is not None:
         out["mm_processor_kwargs"] = {"stateful_reduce": options}
     return out
@@ -50,6 +56,7 @@ def engine_state(llm) -> dict:
         lambda w: {
             "kept": dict(w.model_runner.model.reduction_state.kept),
             "skipped": dict(w.model_runner.model.reduction_state.skipped),
+            "queries": dict(w.model_runner.model.reduction_state.queries),
         }
     )[0]
 
@@ -155,6 +162,29 @@ def test_video_without_question_is_served_unreduced_and_counted(llm) -> None:
     assert engine_state(llm)["skipped"].get("no_text_after_video", 0) == before + 1
 
 
+def test_question_before_the_video_is_unreduced_unless_asked(llm, reference, hf_config) -> None:
+    """The recipe's order (question, then video): by default served exactly as with
+    reduction off, with its reason; asked to reduce, it is scored by the template's tail
+    after the video, and its kept tokens and answer equal the reference's (whose query is
+    the same rows: the prompt after the last media)."""
+    video = random_video(16, seed=9)
+    state = engine_state(llm)
+    skipped, tails = state["skipped"].get("question_before_media", 0), state["queries"].get("template_tail", 0)
+    first = request(video, order="text_first")
+    off = request(video, options={"enabled": False}, order="text_first")
+    asked = request(video, options={"reduce_question_before_media": True}, order="text_first")
+    a, b, c = llm.generate([first, off, asked], params())
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    state = engine_state(llm)
+    assert state["skipped"].get("question_before_media", 0) == skipped + 1
+    assert state["queries"].get("template_tail", 0) == tails + 1
+    pixels = frames_to_pixel_values(video, hf_config.force_image_size, hf_config.norm_mean, hf_config.norm_std)
+    config = parse(GLOBAL | {"reduce_question_before_media": True})
+    tokens, _, kept = reference.greedy(c.prompt_token_ids, [pixels], config, DECODE_TOKENS)
+    assert list(c.outputs[0].token_ids) == tokens
+    assert kept_of(state, c.request_id) == [k.tolist() for k in kept] and len(kept[-1]) < len(kept[0])
+
+
 @pytest.mark.parametrize(
     "options,field", [({"budget": 2.0}, "budget"), ({"schedule": "step"}, "schedule"), ("half", "stateful_reduce")]
 )
@@ -242,7 +272,7 @@ def _skipped_running_request(worker) -> dict:
     def step(live: set[str]) -> dict:
         model.set_batch([other], [], live)
         stages = len(stack.boundaries) + 1
-        plan = plan_step(stack.batch.requests, stack.state.dropped, stack.visual_tokens, stack._schedule, stages)
+        plan = plan_step(stack.batch.requests, stack.state.dropped, stack.prompt_tokens, stack._schedule, stages)
         stack._record_plan(plan)
         model.set_batch([], [])
         return dict(stack.state.dropped)

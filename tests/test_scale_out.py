@@ -67,7 +67,11 @@ def answers(url: str, videos: list[str]) -> list[tuple[list[int], list[float]]]:
 def reduced_per_engine(url: str) -> dict[str, float]:
     text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
     found = re.findall(r"^vllm:stateful_reduce_requests_reduced_total\{([^}]*)\} (\S+)$", text, re.M)
-    return {re.search(r'engine="(\d+)"', labels).group(1): float(value) for labels, value in found}
+    per_engine: dict[str, float] = {}
+    for labels, value in found:  # summed over `query`
+        engine = re.search(r'engine="(\d+)"', labels).group(1)
+        per_engine[engine] = per_engine.get(engine, 0.0) + float(value)
+    return per_engine
 
 
 def test_data_parallel_2_serves_as_one_engine(real_layout_checkpoint, videos, tmp_path, monkeypatch) -> None:

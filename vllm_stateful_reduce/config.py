@@ -112,6 +112,15 @@ class ReductionConfig(BaseModel):
     """Media whose visual tokens are scored and dropped. Images stay whole by default:
     dropping 75% of a scanned page or a chart is a different risk than of a video,
     whose neighbouring frames repeat each other."""
+    reduce_question_before_media: bool = Field(
+        False,
+        description="also reduce a prompt whose question comes before its last image or video (the model's "
+        "recipe, most OpenAI clients); its visual tokens are then scored by the chat template's tail after the "
+        "media, which lost accuracy where measured (README), so such prompts are served unreduced by default",
+    )
+    """A causal model's question rows cannot see media after them: what scores is the
+    template's tail (`<|im_end|>`, the assistant prefix). Off: served unreduced, with the
+    reason `question_before_media`; on: reduced, counted with `query="template_tail"`."""
     min_keep: int = Field(16, ge=1, description="never keep fewer visual tokens per request")
     """Never keep fewer visual tokens than this per request (or all, if fewer)."""
     timing: bool = Field(
@@ -169,7 +178,7 @@ class ReductionConfig(BaseModel):
         return parse(self.model_dump() | dict(overrides))
 
 
-PER_REQUEST_FIELDS = {"enabled", "budget", "evs_rate"}
+PER_REQUEST_FIELDS = {"enabled", "budget", "evs_rate", "reduce_question_before_media"}
 
 
 def parse(raw: Mapping[str, Any] | None) -> ReductionConfig:

@@ -7,9 +7,11 @@ Named as vLLM names its own (prefix `vllm:`, counters exported with `_total`, la
     vllm:stateful_reduce_visual_tokens_kept_total       of those, the ones the language model processes
         {stage}                                         in each stage; stage "0" enters the LLM (after EVS);
                                                         a request served unreduced keeps all, in every stage
-    vllm:stateful_reduce_requests_reduced_total         video prefills reduced
+    vllm:stateful_reduce_requests_reduced_total         video prefills reduced, by what scored them (`query`):
+        {query}                                         "question" (asked after the media) or "template_tail"
+                                                        (asked before it; `reduce_question_before_media`)
     vllm:stateful_reduce_requests_unreduced_total       video prefills served unreduced, by `reason`: disabled,
-        {reason}                                        no_text_after_video, infeasible, nothing_to_drop, ...
+        {reason}                                        question_before_media, no_text_after_video, infeasible, ...
     vllm:stateful_reduce_work_seconds_total{phase}      time in reduction work per phase (see timing.py)
 
 A prefill counts once per time it runs (a preempted request that recomputes its prompt
@@ -40,6 +42,7 @@ from .vllm_compat import first_tensor_parallel_rank
 logger = init_logger(__name__)
 
 LABELS = ("model_name", "engine")
+QUERIES = ("question", "template_tail")  # what scored a reduced prefill (plan.Reducing.query)
 _counters: dict[str, Counter] = {}  # one set per process, whatever the number of models
 
 
@@ -57,7 +60,11 @@ def counters() -> dict[str, Counter]:
                 "Visual tokens the language model processes in each stage (stage 0: entering the LLM).",
                 (*LABELS, "stage"),
             ),
-            reduced=Counter("vllm:stateful_reduce_requests_reduced", "Video prefills reduced.", LABELS),
+            reduced=Counter(
+                "vllm:stateful_reduce_requests_reduced",
+                "Video prefills reduced, by the rows that scored them: the question, or the template's tail.",
+                (*LABELS, "query"),
+            ),
             unreduced=Counter(
                 "vllm:stateful_reduce_requests_unreduced",
                 "Prefills with images or video served unreduced, by reason.",
@@ -83,7 +90,7 @@ class ReductionMetrics:
         c = counters()
         self._visual = c["visual"].labels(*self.labels)
         self._kept = [c["kept"].labels(*self.labels, str(j)) for j in range(num_stages)]
-        self._reduced = c["reduced"].labels(*self.labels)
+        self._reduced = {query: c["reduced"].labels(*self.labels, query) for query in QUERIES}
         self._unreduced = c["unreduced"]
         self._work = {phase: c["work"].labels(*self.labels, phase) for phase in PHASES}
 
@@ -109,7 +116,7 @@ class ReductionMetrics:
             self._visual.inc(len(request.visual))
             for counter, kept in zip(self._kept, request.keep, strict=True):
                 counter.inc(kept)
-            self._reduced.inc()
+            self._reduced[request.query].inc()
         for skip in (*plan.skipped, *plan.disabled):
             self._visual.inc(skip.num_visual)
             for counter in self._kept:

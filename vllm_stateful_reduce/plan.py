@@ -9,7 +9,11 @@ up in one upload (`StepPlan.upload`).
 
 Stages: stage 0 runs blocks 0..b_1, stage j runs the blocks after boundary b_j. A
 *reducing* request is a fresh, whole-prompt prefill with media of a reduced modality
-and question text after its last media; it keeps `keep[j]` visual tokens in stage j.
+and rows after its last media, which score the visual tokens; it keeps `keep[j]` visual
+tokens in stage j. Those rows hold the question when the user wrote it after the media;
+when the question came first (the model's recipe, most OpenAI clients) they are only the
+chat template's tail, and such a request is served unreduced unless
+`reduce_question_before_media` asks otherwise (benchmarks/video_qa.py measured why).
 A *continuing* request carries `dropped[j]` from its own reduced prefill in an earlier
 step: its stage-j attention layers hold `seq_len - dropped[j]` keys.
 """
@@ -27,10 +31,14 @@ from .state import RequestInfo
 
 
 @dataclass(frozen=True)
-class VisualTokens:
-    """How visual tokens appear in a prompt (fixed per checkpoint)."""
+class PromptTokens:
+    """The token ids a plan reads a prompt by (fixed per checkpoint, from its tokenizer)."""
 
     context_token_id: int  # the id of every visual row, of images and video frames
+    # special tokens other than the media ones: a user's text ends at the first one (the
+    # chat template's end of turn, `<|im_end|>`); empty: every row after the media is text
+    special: frozenset[int] = frozenset()
+    blank: frozenset[int] = frozenset()  # tokens of whitespace only: no question in them
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,8 @@ class Reducing:
     batch_index: int
     req_id: str
     visual: np.ndarray  # (V,) prompt positions of its visual tokens
-    num_query: int  # question rows: the prompt's last rows
+    num_query: int  # scoring rows: the prompt's rows after its last media
+    query: str  # what they hold: "question", or "template_tail" (the question came before the media)
     num_output: int  # rows after the prompt (a preempted request recomputes its output)
     keep: tuple[int, ...]  # visual tokens in each stage; keep[0] = all that enter the LLM
     config: ReductionConfig
@@ -194,7 +203,7 @@ def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
 def plan_step(
     batch: Sequence[RequestInfo],
     dropped: Mapping[str, list[int]],
-    visual_tokens: VisualTokens,
+    tokens: PromptTokens,
     schedule_for: Callable[[ReductionConfig], Schedule],
     num_stages: int,
 ) -> StepPlan:
@@ -213,7 +222,7 @@ def plan_step(
             carried = list(dropped.get(info.req_id, ()))[:num_stages]
             num_computed[:, i] -= np.array(carried + [0] * (num_stages - len(carried)), dtype=np.int64)
             continue
-        request = _plan_prefill(i, info, visual_tokens, schedule_for)
+        request = _plan_prefill(i, info, tokens, schedule_for)
         if isinstance(request, Skip):
             if request.reason != "no_media":
                 (disabled if request.reason == "disabled" else skipped).append(request)
@@ -228,7 +237,7 @@ def plan_step(
 
 
 def _plan_prefill(
-    index: int, info: RequestInfo, visual_tokens: VisualTokens, schedule_for: Callable[[ReductionConfig], Schedule]
+    index: int, info: RequestInfo, tokens: PromptTokens, schedule_for: Callable[[ReductionConfig], Schedule]
 ) -> Reducing | Skip:
     """A fresh prefill: its reduction, or why it is served unreduced."""
     config = info.config
@@ -239,7 +248,7 @@ def _plan_prefill(
     reduced = np.zeros(len(prompt), dtype=bool)  # inside an item of a reduced modality
     for span in spans:
         reduced[span.offset : span.offset + span.length] = True
-    visual = np.flatnonzero((prompt == visual_tokens.context_token_id) & reduced)
+    visual = np.flatnonzero((prompt == tokens.context_token_id) & reduced)
 
     def skip(reason: str) -> Skip:
         return Skip(info.req_id, reason, len(visual))
@@ -253,10 +262,17 @@ def _plan_prefill(
         return skip(f"modality_not_reduced: {', '.join(kinds)} (stateful_reduce.modalities)")
     if not config.enabled:
         return skip("disabled")
-    # the question: prompt text after the last image or video
-    num_query = info.num_prompt_tokens - max(span.offset + span.length for span in info.media)
+    # the scoring rows: the prompt after the last image or video
+    media_end = max(span.offset + span.length for span in info.media)
+    num_query = info.num_prompt_tokens - media_end
     if num_query <= 0:
         return skip("no_text_after_video")
+    asked_after = user_text_follows(prompt[media_end:], tokens)
+    if not asked_after and not config.reduce_question_before_media:
+        return skip(
+            "question_before_media: only the chat template follows the last media, and the question's own rows "
+            "cannot see it (stateful_reduce.reduce_question_before_media reduces such prompts anyway)"
+        )
     try:
         keep = schedule_for(config).keep_counts(len(visual), config.min_keep)
     except ValueError as err:  # a per-request budget this pattern cannot reach
@@ -264,4 +280,17 @@ def _plan_prefill(
     if keep[-1] == len(visual):
         return skip("nothing_to_drop")
     num_output = info.num_scheduled - info.num_prompt_tokens
-    return Reducing(index, info.req_id, visual, num_query, num_output, (*keep,), config)
+    query = "question" if asked_after else "template_tail"
+    return Reducing(index, info.req_id, visual, num_query, query, num_output, (*keep,), config)
+
+
+def user_text_follows(tail: np.ndarray, tokens: PromptTokens) -> bool:
+    """Whether the user wrote anything but whitespace after the media: a row of `tail`
+    (the prompt after its last media) that is neither blank nor after the first special
+    token, which ends the user's turn."""
+    for token in tail.tolist():
+        if token in tokens.special:
+            return False
+        if token not in tokens.blank:
+            return True
+    return False

@@ -59,6 +59,8 @@ class ReductionState:
     dropped: dict[str, list[int]] = field(default_factory=dict)
     # why requests were served unreduced, for logs and tests: reason -> count
     skipped: dict[str, int] = field(default_factory=dict)
+    # what scored the reduced prefills: "question" or "template_tail" -> count
+    queries: dict[str, int] = field(default_factory=dict)
     # prompt positions of the visual tokens kept at each stage, for the most recent
     # reduced prefills (bounded; for inspection and tests)
     kept: OrderedDict[str, list[list[int]]] = field(default_factory=OrderedDict)
@@ -85,3 +87,6 @@ class ReductionState:
 
     def count_skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def count_query(self, query: str) -> None:
+        self.queries[query] = self.queries.get(query, 0) + 1

@@ -32,7 +32,7 @@ from vllm.tokenizers import cached_tokenizer_from_config
 from .. import HF_OVERRIDES, vllm_compat
 from ..config import from_additional_config
 from ..log import describe
-from ..plan import VisualTokens
+from ..plan import PromptTokens
 from ..state import RequestInfo, RunnerBatch
 from .evs import evs_video_embeddings
 from .hf_config import NemotronNanoVLConfig, radio_config_from
@@ -120,7 +120,7 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
                 stale,
                 tokens.image_context,
             )
-        visual_tokens = VisualTokens(context_token_id=tokens.image_context)
+        prompt_tokens = PromptTokens(tokens.image_context, tokens.turn_end, tokens.blank)
         text_vllm_config = vllm_config.with_hf_config(config.text_config, architectures=["NemotronHForCausalLM"])
         language_prefix = maybe_prefix(prefix, "language_model")
         with (
@@ -128,7 +128,7 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
             set_current_vllm_config(text_vllm_config, prefix=language_prefix),
         ):
             self.language_model = ReducibleNemotronHForCausalLM(
-                vllm_config=text_vllm_config, prefix=language_prefix, visual_tokens=visual_tokens
+                vllm_config=text_vllm_config, prefix=language_prefix, prompt_tokens=prompt_tokens
             )
         dtype = vllm_config.model_config.dtype
         with vllm_compat.tower_model_part(self, vllm_config, {"image", "video"}):

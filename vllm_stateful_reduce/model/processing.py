@@ -32,7 +32,7 @@ from vllm.multimodal.processing.processor import (
 )
 from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
 
-from ..config import CONFIG_KEY
+from ..config import CONFIG_KEY, PER_REQUEST_FIELDS, ReductionConfig
 from ..media import video_metadata
 from ..vllm_compat import RequestError, check_request_options, dummy_images, dummy_videos, expected_hidden_size
 from .hf_config import NemotronNanoVLConfig
@@ -45,7 +45,8 @@ from .tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SpecialTokens
 OPTIONS_FIELD = "stateful_reduce_options"
 IMAGE_OPTIONS_FIELD = "stateful_reduce_options_image"
 EVS_FIELD = "stateful_reduce_evs_rate"
-OPTION_NAMES = ("enabled", "budget", "evs_rate")
+OPTION_NAMES = tuple(sorted(PER_REQUEST_FIELDS))
+_BOOLEAN_OPTIONS = {k for k in OPTION_NAMES if ReductionConfig.model_fields[k].annotation is bool}
 
 
 def encode_options(options: Mapping[str, Any] | None) -> torch.Tensor:
@@ -57,10 +58,8 @@ def encode_options(options: Mapping[str, Any] | None) -> torch.Tensor:
 
 def decode_options(encoded: torch.Tensor) -> dict | None:
     values = float_values(encoded)
-    out = {k: v for k, v in zip(OPTION_NAMES, values, strict=True) if v == v}  # drop NaN
-    if "enabled" in out:
-        out["enabled"] = bool(out["enabled"])
-    return out or None
+    out = {k: bool(v) if k in _BOOLEAN_OPTIONS else v for k, v in zip(OPTION_NAMES, values, strict=True) if v == v}
+    return out or None  # NaN: not given
 
 
 def frames_to_pixel_values(

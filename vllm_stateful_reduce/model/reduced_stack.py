@@ -34,7 +34,7 @@ from .. import scoring
 from ..config import ReductionConfig, from_additional_config
 from ..log import ReasonRateLimit, local_first_rank
 from ..metrics import ReductionMetrics
-from ..plan import DevicePlan, StepPlan, VisualTokens, plan_step
+from ..plan import DevicePlan, PromptTokens, StepPlan, plan_step
 from ..schedule import SCORING_KINDS, Schedule, boundary_blocks, build_schedule
 from ..selection import Kept, compact, top_k
 from ..state import ReductionState, RunnerBatch
@@ -49,10 +49,10 @@ logger = init_logger(__name__)
 class ReducibleNemotronHModel(NemotronHModel):
     """Eager NemotronH stack with reduction boundaries (see module docstring)."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", visual_tokens: VisualTokens) -> None:
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", prompt_tokens: PromptTokens) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_types=SCORED_LAYER_TYPES)
         self.vllm_config = vllm_config
-        self.visual_tokens = visual_tokens
+        self.prompt_tokens = prompt_tokens
         self.pattern = self.config.hybrid_override_pattern
         global_config = from_additional_config(vllm_config.additional_config)  # checked at start-up
         self.boundaries = boundary_blocks(self.pattern, global_config)  # engine-wide
@@ -77,7 +77,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         start = timer.clock()
         with timer.phase("plan"):
             plan = plan_step(
-                self.batch.requests, self.state.dropped, self.visual_tokens, self._schedule, len(self.boundaries) + 1
+                self.batch.requests, self.state.dropped, self.prompt_tokens, self._schedule, len(self.boundaries) + 1
             )
             self._record_plan(plan)
         if not plan.active:
@@ -106,10 +106,24 @@ class ReducibleNemotronHModel(NemotronHModel):
         self.metrics.record_plan(plan)
         for skip in plan.skipped:
             self.state.count_skip(skip.kind)
-            held = self._unreduced_lines.passes(skip.kind) if local_first_rank() else None
-            if held is not None:
-                more = f" ({held} more for this reason since the last line)" if held else ""
-                logger.info("request %s served unreduced: %s%s", skip.req_id, skip.reason, more)
+            self._log_rate_limited(skip.kind, "request %s served unreduced: %s", skip.req_id, skip.reason)
+        for request in plan.reducing:
+            self.state.count_query(request.query)
+            if request.query == "template_tail":
+                self._log_rate_limited(
+                    request.query,
+                    "request %s reduced with its question before the media: its visual tokens are scored by the "
+                    "%d rows of the chat template after them (reduce_question_before_media)",
+                    request.req_id,
+                    request.num_query,
+                )
+
+    def _log_rate_limited(self, key: str, message: str, *args: object) -> None:
+        """One line per `key` at most every minute (log.ReasonRateLimit), on the local first rank."""
+        held = self._unreduced_lines.passes(key) if local_first_rank() else None
+        if held is not None:
+            more = f" ({held} more like it since the last line)" if held else ""
+            logger.info(message + "%s", *args, more)
 
     def _reduced_forward(self, plan: StepPlan, timer: PhaseTimer, input_ids, positions, inputs_embeds) -> torch.Tensor:
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
@@ -282,6 +296,6 @@ class ReducibleNemotronHModel(NemotronHModel):
 class ReducibleNemotronHForCausalLM(NemotronHForCausalLM):
     """vLLM's NemotronHForCausalLM built around `ReducibleNemotronHModel`."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", visual_tokens: VisualTokens) -> None:
-        with nemotron_h_stack(partial(ReducibleNemotronHModel, visual_tokens=visual_tokens)):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", prompt_tokens: PromptTokens) -> None:
+        with nemotron_h_stack(partial(ReducibleNemotronHModel, prompt_tokens=prompt_tokens)):
             super().__init__(vllm_config=vllm_config, prefix=prefix)

@@ -10,6 +10,9 @@ start-up, never a silently unreduced request.
 from dataclasses import dataclass
 from typing import Any
 
+# whitespace a chat template or a client puts between media and the end of a turn
+WHITESPACE = ("\n", "\n\n", " ", " \n", "\n ", "\t", "\r\n")
+
 IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<image>"  # every visual row, of images and of video frames
@@ -19,12 +22,15 @@ IMAGE_PLACEHOLDER = IMG_CONTEXT  # where an image goes (the in-tree model uses t
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    """Token ids of the media wrappers (the wrappers may be several tokens)."""
+    """Token ids of the media wrappers (the wrappers may be several tokens), and what
+    tells a question after the media from a chat template's tail."""
 
     image_context: int
     image_start: tuple[int, ...]
     image_end: tuple[int, ...]
     video: int
+    turn_end: frozenset[int]  # the tokenizer's other special tokens (`<|im_end|>`, ...)
+    blank: frozenset[int]  # tokens of whitespace only
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> "SpecialTokens":
@@ -41,4 +47,7 @@ class SpecialTokens:
                 )
             return found[0]
 
-        return cls(single(IMG_CONTEXT), ids(IMG_START), ids(IMG_END), single(VIDEO_PLACEHOLDER))
+        context, start, end, video = single(IMG_CONTEXT), ids(IMG_START), ids(IMG_END), single(VIDEO_PLACEHOLDER)
+        turn_end = frozenset(tokenizer.all_special_ids) - {context, video, *start, *end}
+        blank = frozenset(t for text in WHITESPACE for t in ids(text) if not tokenizer.decode([t]).strip())
+        return cls(context, start, end, video, turn_end, blank)
