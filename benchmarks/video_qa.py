@@ -18,11 +18,16 @@ for each method and budget and reports exact-match accuracy:
   ours_mamba_only       ours scoring with Mamba blocks only (ablation)
   evs                   EVS-style temporal-redundancy pruning before the LLM only
   evs_ours              EVS (50%) before the LLM, then ours to the same overall budget
+  stateless             the top `budget` of the visual tokens by ours' score on the unreduced forward,
+                        dropped before the LLM: no block sees the others (plain-PyTorch reference,
+                        `analyze.dropping`; its own full-token accuracy is reported beside it)
 
 `--order` puts the question after the video (default) or before it, through the real chat
-template. Methods that need a different engine-wide configuration get their own engine; the
-budget (and the EVS rate) are per-request options. A budget a method cannot reach
-with the model's block layout is reported as null with the reason.
+template; text-first requests ask `reduce_question_before_media` (the plugin serves them
+unreduced by default), so every method is measured scored by the template's tail. Methods
+that need a different engine-wide configuration get their own engine; the budget (and the
+EVS rate) are per-request options. A budget a method cannot reach with the model's block
+layout is reported as null with the reason. Per kind, the terminal table is at 25%.
 """
 
 import argparse
@@ -44,6 +49,7 @@ DEFAULT_MODEL = {
     "compositional": MODELS / "video-qa-orders",
 }
 QUICK_METHODS = ["fastv", "random", "ours_attention_only"]  # besides ours (which also hosts full and evs)
+PAIRED = ("full", "fastv", "pyramid", "random", "stateless", "evs", "evs_ours", "ours_decay")  # ours@25% minus each
 
 
 def method_configs(pattern: str) -> dict[str, dict]:
@@ -88,7 +94,7 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="ours, fastv, random, ours_attention_only and evs at 25%% on 80 examples (~2 min)",
+        help="ours, fastv, random, ours_attention_only, evs and stateless at 25%% on 80 examples (~3 min)",
     )
     parser.add_argument(
         "--order",
@@ -138,25 +144,23 @@ def main() -> None:
         for e in examples
     ]
     params = SamplingParams(max_tokens=4, temperature=0.0)
+    asked = {"reduce_question_before_media": True} if order == "text_first" else {}
 
     def accuracy(llm, options: dict) -> dict:
-        requests = [p | {"mm_processor_kwargs": {"stateful_reduce": options}} for p in prompts]
+        requests = [p | {"mm_processor_kwargs": {"stateful_reduce": options | asked}} for p in prompts]
         outs = llm.generate(requests, params, use_tqdm=False)
-        hits = [o.outputs[0].text.strip() == e.answer for o, e in zip(outs, examples, strict=True)]
-        kinds = sorted({e.kind for e in examples})
-        acc = sum(hits) / len(hits)
-        return {
-            "accuracy": acc,
-            "stderr": math.sqrt(acc * (1 - acc) / len(hits)),  # binomial standard error
-            "per_kind": {
-                k: statistics.mean(h for h, e in zip(hits, examples, strict=True) if e.kind == k) for k in kinds
-            },
-            "n": len(hits),
-            "hits": [int(h) for h in hits],  # per example, for paired comparisons between methods
-        }
+        return scored([o.outputs[0].text.strip() == e.answer for o, e in zip(outs, examples, strict=True)], examples)
 
     results: dict[str, dict] = {}
     started = time.monotonic()
+    print(f"[0/{len(configs)}] stateless, through the reference ({len(examples)} examples)", flush=True)
+    results["stateless"], results["reference_full"] = stateless(args.model, args.task, order, examples, budgets)
+    print(
+        "  stateless: "
+        + ", ".join(f"{b:.0%} {results['stateless'][str(b)]['accuracy']:.3f}" for b in budgets)
+        + f"; the reference's full tokens {results['reference_full']['1.0']['accuracy']:.3f}",
+        flush=True,
+    )
     for i, (method, config) in enumerate(configs.items()):
         print(f"[{i + 1}/{len(configs)}] {method}: starting an engine ({time.monotonic() - started:.0f} s)", flush=True)
         llm = LLM(
@@ -202,21 +206,14 @@ def main() -> None:
         "random_25_accuracy": at("random"),
         "evs_25_accuracy": at("evs"),
         "evs_ours_25_accuracy": at("evs_ours"),
+        "stateless_25_accuracy": at("stateless"),
         "ours_attention_only_25_accuracy": at("ours_attention_only"),
         "chance_accuracy": chance_accuracy(examples),
         # ours at 25% minus each other method, on the same examples: (mean, standard error)
         "ours_25_minus": {
             other: paired_difference(results["ours"]["0.25"], results[other][b])
-            for other, b in (
-                ("full", "1.0"),
-                ("fastv", "0.25"),
-                ("pyramid", "0.25"),
-                ("random", "0.25"),
-                ("evs", "0.25"),
-                ("evs_ours", "0.25"),
-                ("ours_decay", "0.25"),
-            )
-            if results.get(other, {}).get(b, {}).get("hits")
+            for other in PAIRED
+            if results.get(other, {}).get(b := "1.0" if other == "full" else "0.25", {}).get("hits")
         },
     }
     report = {
@@ -234,11 +231,12 @@ def main() -> None:
     print(f"\n{'method':<22}" + "".join(f"{b:>8.0%}" for b in budgets))
     print(f"{'full':<22}" + f"{at('full', '1.0'):>8.3f}" * len(budgets))
     for method in results:
-        if method == "full":
+        if method in ("full", "reference_full"):
             continue
         cells = [at(method, str(b)) for b in budgets]
         print(f"{method:<22}" + "".join(f"{c:>8.3f}" if c is not None else f"{'-':>8}" for c in cells))
     print(f"chance {summary['chance_accuracy']:.3f}; standard error of a cell <= {0.5 / math.sqrt(n):.3f}")
+    print_per_kind(results, sorted({e.kind for e in examples}))
     print(
         "ours@25% minus (same examples, mean +- stderr): "
         + ", ".join(f"{k} {v['mean']:+.3f} +- {v['stderr']:.3f}" for k, v in summary["ours_25_minus"].items())
@@ -249,6 +247,59 @@ def main() -> None:
         args.json.write_text(json.dumps(report, indent=2))
     if args.png:
         plot(report, args.png)
+
+
+def scored(hits: list[bool], examples: list) -> dict:
+    """Accuracy, its binomial standard error, per kind, and the per-example hits (for
+    paired comparisons between methods)."""
+    acc = sum(hits) / len(hits)
+    return {
+        "accuracy": acc,
+        "stderr": math.sqrt(acc * (1 - acc) / len(hits)),
+        "per_kind": {
+            k: statistics.mean(h for h, e in zip(hits, examples, strict=True) if e.kind == k)
+            for k in sorted({e.kind for e in examples})
+        },
+        "n": len(hits),
+        "hits": [int(h) for h in hits],
+    }
+
+
+def stateless(model: Path, task: str, order: str, examples: list, budgets: list[float]) -> tuple[dict, dict]:
+    """The stateless arm per budget, and the reference's own full-token accuracy: ours'
+    unified score (the plugin's defaults) on the reference's unreduced forward, the top
+    `budget` of the visual tokens kept and the rest dropped before block 0. An answer is
+    right when every answer token (and the end of turn) is the argmax, teacher forced -
+    what greedy decoding of exactly the answer needs."""
+    import torch
+
+    from vllm_stateful_reduce.analyze.dropping import answered, kept_tokens
+    from vllm_stateful_reduce.analyze.items import task_items
+    from vllm_stateful_reduce.analyze.scores import unreduced_forward
+    from vllm_stateful_reduce.config import ReductionConfig
+    from vllm_stateful_reduce.testing.encoding import Encoder
+    from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
+
+    reference, config = ReferenceNanoVL(model), ReductionConfig()
+    items = task_items(Encoder(model), len(examples), order=order, family=task)
+    hits: dict[str, list[bool]] = {str(b): [] for b in [1.0, *budgets]}
+    for item in items:
+        fw = unreduced_forward(reference, item, config)
+        everything = torch.arange(len(fw.visual))
+        hits["1.0"].append(answered(reference, item, fw, everything, start=len(reference.pattern)))
+        for b in budgets:
+            hits[str(b)].append(answered(reference, item, fw, kept_tokens(fw, config, b)))
+    full = {"1.0": scored(hits.pop("1.0"), examples)}
+    return {b: scored(h, examples) for b, h in hits.items()}, full
+
+
+def print_per_kind(results: dict, kinds: list[str]) -> None:
+    """Accuracy per question kind at 25% (full: all tokens)."""
+    print(f"\nper kind at 25%{'':<7}" + "".join(f"{k:>11}" for k in kinds))
+    for method, by_budget in results.items():
+        cell = by_budget.get("1.0" if method in ("full", "reference_full") else "0.25", {})
+        if cell.get("per_kind"):
+            print(f"{method:<22}" + "".join(f"{cell['per_kind'][k]:>11.3f}" for k in kinds))
 
 
 def paired_difference(a: dict, b: dict) -> dict:
@@ -266,6 +317,8 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     budgets = report["budgets"]
     for method, by_budget in report["results"].items():
+        if method == "reference_full":
+            continue
         if method == "full":
             ax.axhline(by_budget["1.0"]["accuracy"], color="black", ls="--", label="full tokens")
             continue

@@ -1,4 +1,4 @@
-"""python -m vllm_stateful_reduce.analyze [--model DIR] [--task short|long | --questions FILE.jsonl]
+"""python -m vllm_stateful_reduce.analyze [--model DIR] [--task FAMILY [--order text-first] | --questions FILE.jsonl]
        [--items 64] [--keep 0.25] [--json PATH] [--png PATH]
 
 (also installed as `vllm-stateful-reduce-analyze`). See the package docstring for what it measures.
@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         help='JSONL, one {"video": path, "question": str, "answer": str?, "targets": [int]?} per line',
     )
     parser.add_argument("--items", type=int, default=64, help="held-out task examples (with --task)")
+    parser.add_argument("--kind", help="only this question kind of the task family (e.g. after)")
+    parser.add_argument(
+        "--order",
+        choices=["video-first", "text-first"],
+        default="video-first",
+        help="task questions after the video or before it (with --task; through the checkpoint's chat template)",
+    )
     parser.add_argument(
         "--keep", type=float, default=0.25, help="kept fraction of visual tokens (top-k and the dropping analysis)"
     )
@@ -72,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     config = ReductionConfig(**args.reduction)
     started = time.monotonic()
     model, enc = ReferenceNanoVL(args.model), Encoder(args.model)
-    items = file_items(enc, args.questions) if args.questions else task_items(enc, args.items, family=args.task)
+    items = (
+        file_items(enc, args.questions)
+        if args.questions
+        else task_items(enc, args.items, order=args.order.replace("-", "_"), family=args.task, kind=args.kind)
+    )
 
     forwards, dropped = [], []
     for j, item in enumerate(items):
@@ -84,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict[str, Any] = {
         "model": str(args.model),
-        "source": str(args.questions) if args.questions else f"task {args.task}",
+        "source": str(args.questions) if args.questions else f"task {args.task} {args.kind or 'all'}, {args.order}",
         "items": len(items),
         "visual_tokens": [len(fw.visual) for fw in forwards],
         "keep": args.keep,

@@ -45,20 +45,42 @@ def kept_tokens(fw: Forward, config: ReductionConfig, keep: float) -> torch.Tens
     return torch.topk(total, keep_count(len(fw.visual), keep)).indices.sort().values
 
 
-@torch.inference_mode()
-def drop_at_each_block(model: ReferenceNanoVL, item: Item, fw: Forward, kept: torch.Tensor) -> Dropped:
-    """Continue from each block's input with the dropped visual rows removed."""
+def _staying_rows(fw: Forward, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dropped visual tokens, rows that stay) as masks, for a kept set."""
     dropped = torch.ones(len(fw.visual), dtype=torch.bool)
     dropped[kept] = False
     stay = torch.ones(len(fw.states[0]), dtype=torch.bool)
     stay[fw.visual[dropped]] = False
+    return dropped, stay
+
+
+def _continue(model: ReferenceNanoVL, fw: Forward, stay: torch.Tensor, start: int) -> torch.Tensor:
+    """Final-norm hidden states of the rows in `stay`, from block `start`'s input on."""
+    h = fw.states[start][stay]
+    for i in range(start, len(model.pattern)):
+        h = model.run_block(i, h)
+    return model.lm.model.norm_f(h)
+
+
+@torch.inference_mode()
+def answered(model: ReferenceNanoVL, item: Item, fw: Forward, kept: torch.Tensor, start: int = 0) -> bool:
+    """Whether every answer token is still the argmax with the visual tokens outside
+    `kept` removed from block `start`'s input on (0: before the language model, so no
+    block saw them - stateless; len(pattern): nothing removed)."""
+    h = _continue(model, fw, _staying_rows(fw, kept)[1], start)
+    answer = torch.tensor(item.answer, dtype=torch.long)
+    logits = model.lm.lm_head(h[len(h) - len(answer) - 1 : -1])
+    return bool((logits.argmax(-1) == answer).all())
+
+
+@torch.inference_mode()
+def drop_at_each_block(model: ReferenceNanoVL, item: Item, fw: Forward, kept: torch.Tensor) -> Dropped:
+    """Continue from each block's input with the dropped visual rows removed."""
+    dropped, stay = _staying_rows(fw, kept)
     answer = torch.tensor(item.answer, dtype=torch.long)
     loglik, correct, features = [], [], []
     for start in range(len(model.pattern) + 1):  # start = l + 1: the first block without the dropped rows
-        h = fw.states[start][stay]
-        for i in range(start, len(model.pattern)):
-            h = model.run_block(i, h)
-        h = model.lm.model.norm_f(h)
+        h = _continue(model, fw, stay, start)
         last_prompt_row = len(h) - len(answer) - 1
         features.append(h[last_prompt_row])
         if len(answer):

@@ -41,9 +41,9 @@ def token_colours(frames: np.ndarray, tokens_per_frame: int) -> tuple[int, ...]:
     return tuple(int(c) for c in found.reshape(-1))
 
 
-def _item(enc: Encoder, example: Example, tokens_per_frame: int, known: bool) -> Item:
+def _item(enc: Encoder, example: Example, tokens_per_frame: int, known: bool, order: str = "video_first") -> Item:
     return Item(
-        prompt=enc.prompt_ids(example),
+        prompt=enc.prompt_ids(example, order),
         answer=enc.answer_ids(example) if example.answer else [],
         pixels=enc.pixels(example),
         targets=example.targets,
@@ -52,10 +52,12 @@ def _item(enc: Encoder, example: Example, tokens_per_frame: int, known: bool) ->
     )
 
 
-def task_items(enc: Encoder, count: int, **task: object) -> list[Item]:
-    """Held-out examples of the task family (`task`: `make_example`'s options)."""
+def task_items(enc: Encoder, count: int, order: str = "video_first", **task: object) -> list[Item]:
+    """Held-out examples of the task family (`task`: `make_example`'s options), the
+    question after the video or before it (`order`, `tokenizer.ORDERS`)."""
     per_frame = enc.config.tokens_per_frame
-    return [_item(enc, make_example(seed, **task), per_frame, known=True) for seed in TEST_SEEDS[:count]]  # type: ignore[arg-type]
+    examples = [make_example(seed, **task) for seed in TEST_SEEDS[:count]]  # type: ignore[arg-type]
+    return [_item(enc, e, per_frame, known=True, order=order) for e in examples]
 
 
 def file_items(enc: Encoder, path: Path) -> list[Item]:
