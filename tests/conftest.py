@@ -60,6 +60,7 @@ def real_layout_checkpoint(checkpoint, tmp_path_factory):
     shutil.copytree(checkpoint, ckpt, dirs_exist_ok=True)
     config = json.loads((ckpt / "config.json").read_text())
     config["architectures"] = ["NemotronH_Nano_VL_V2"]
+    config["model_type"] = "NemotronH_Nano_VL_V2"
     config["auto_map"] = {"AutoConfig": "configuration.NemotronH_Nano_VL_V2_Config"}  # not shipped
     (ckpt / "config.json").write_text(json.dumps(config))
     return ckpt

@@ -184,7 +184,7 @@ def test_kernel_inputs_live_on_the_hidden_states_device(llm) -> None:
         hidden_devices.append((inputs_embeds if inputs_embeds is not None else input_ids).device)
         return forward(self, plan, timer, input_ids, positions, inputs_embeds)
 
-    from vllm_stateful_reduce import metadata
+    from vllm_stateful_reduce.adapter import stage_metadata as metadata
 
     build = metadata.attention_metadata
     tables = []
@@ -203,6 +203,8 @@ def test_kernel_inputs_live_on_the_hidden_states_device(llm) -> None:
         ReducibleNemotronHModel._reduced_forward = forward
         metadata.attention_metadata = build
     assert hidden_devices, "no reduced forward ran"
+    # kept positions are read back from the device only when asked (`record_kept`)
+    assert not llm.collective_rpc(lambda w: dict(w.model_runner.model.reduction_state.kept))[0]
     device = hidden_devices[0]
     called = {name for name, *_ in seen}
     assert called == set(KERNEL_ENTRY_POINTS), called
@@ -238,18 +240,19 @@ def test_model_runner_v2_state_hands_the_model_the_v1_batch(llm) -> None:
     from vllm.v1.worker.gpu.input_batch import InputBatch, InputBuffers
     from vllm.v1.worker.gpu.model_states import init_model_state
 
+    from vllm_stateful_reduce.adapter.model_state import model_state_cls, mrv2_batch
     from vllm_stateful_reduce.model.nano_vl import NemotronNanoVLStatefulReduce
-    from vllm_stateful_reduce.vllm_compat import batch_rows, model_state_cls
+    from vllm_stateful_reduce.state import RunnerBatch
 
     runner = llm.collective_rpc(lambda worker: worker.model_runner)[0]  # in-process engine
     model = runner.get_model()
     steps = []
     set_batch = NemotronNanoVLStatefulReduce.set_batch
 
-    def recording(self, rows, block_tables, live=()):
-        if rows:
-            steps.append((list(rows), {r[0]: runner.requests[r[0]] for r in rows}))
-        return set_batch(self, rows, block_tables, live)
+    def recording(self, batch: RunnerBatch):
+        if batch.requests:
+            steps.append((list(batch.requests), {r.req_id: runner.requests[r.req_id] for r in batch.requests}))
+        return set_batch(self, batch)
 
     NemotronNanoVLStatefulReduce.set_batch = recording
     try:
@@ -259,11 +262,12 @@ def test_model_runner_v2_state_hands_the_model_the_v1_batch(llm) -> None:
     finally:
         NemotronNanoVLStatefulReduce.set_batch = set_batch
     v1_rows, records = steps[0]  # the prefill step of both
-    assert [r[2] for r in v1_rows] == [None, {"budget": 0.5}]
+    assert [r.config for r in v1_rows] == [model.request_config(None), model.request_config({"budget": 0.5})]
 
     state = init_model_state(runner.vllm_config, model, None, runner.device)
     assert type(state) is model_state_cls()
-    for index, (req_id, *_rest) in enumerate(v1_rows):
+    for index, row in enumerate(v1_rows):
+        req_id = row.req_id
         record = records[req_id]
         state.add_request(
             index,
@@ -279,19 +283,20 @@ def test_model_runner_v2_state_hands_the_model_the_v1_batch(llm) -> None:
                 prefill_token_ids=record.prompt_token_ids,
             ),
         )
-    scheduled = np.array([r[4] for r in v1_rows], dtype=np.int32)
+    scheduled = np.array([r.num_scheduled for r in v1_rows], dtype=np.int32)
     buffers = InputBuffers(max_num_reqs=4, max_num_tokens=int(scheduled.sum()), device=runner.device)
     batch = dataclasses.replace(
         InputBatch.make_dummy(len(v1_rows), int(scheduled.sum()), buffers),
-        req_ids=[r[0] for r in v1_rows],
+        req_ids=[r.req_id for r in v1_rows],
         num_scheduled_tokens=scheduled,
-        num_computed_tokens_np=np.array([r[3] for r in v1_rows], dtype=np.int32),
+        num_computed_tokens_np=np.array([r.num_computed for r in v1_rows], dtype=np.int32),
     )
-    mrv2_rows = batch_rows(batch, state.prompts)
-    assert [(r[0], r[1], r[2], r[3], r[4], list(r[5])) for r in mrv2_rows] == [
-        (r[0], r[1], r[2], r[3], r[4], list(r[5])) for r in v1_rows
+    mrv2 = mrv2_batch(batch, state.prompts, model, ())
+    assert [dataclasses.replace(r, prompt_token_ids=list(r.prompt_token_ids)) for r in mrv2.requests] == [
+        dataclasses.replace(r, prompt_token_ids=list(r.prompt_token_ids)) for r in v1_rows
     ]
-    assert batch_rows(InputBatch.make_dummy(2, 8, buffers), state.prompts) == []  # a dummy run: plain forward
-    state.remove_request(v1_rows[0][0])
-    assert list(state.prompts) == [v1_rows[1][0]]
+    dummy = mrv2_batch(InputBatch.make_dummy(2, 8, buffers), state.prompts, model, ())
+    assert dummy == RunnerBatch()  # a dummy run: plain forward
+    state.remove_request(v1_rows[0].req_id)
+    assert list(state.prompts) == [v1_rows[1].req_id]
     assert model.attention_groups_bound()  # the V1 glue bound them at start-up

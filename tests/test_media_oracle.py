@@ -29,7 +29,7 @@ pytestmark = pytest.mark.engine
 
 # images reduced too; the vision tower in micro-batches of 4 frames or tiles (an 11-tile image
 # takes three calls), which the oracle's one-pass tower must agree with
-GLOBAL = {"modalities": ["video", "image"], "vision_micro_batch": 4}
+GLOBAL = {"modalities": ["video", "image"], "vision_micro_batch": 4, "record_kept": True}
 EVS_RATE = 0.75
 TOKENS = 3
 LOGPROB_TOLERANCE = 1e-4  # float32, measured below it

@@ -13,7 +13,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.worker.utils import AttentionGroup
 
-from vllm_stateful_reduce.metadata import logical_slots
+from vllm_stateful_reduce.adapter.stage_metadata import logical_slots
 
 
 def test_manager_block_slots_match_the_kernel_block_table() -> None:
@@ -46,7 +46,7 @@ def test_attention_backends_the_plugin_does_not_rebuild_are_refused() -> None:
     from vllm.v1.attention.backends.flex_attention import FlexAttentionBackend
     from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
 
-    from vllm_stateful_reduce.vllm_compat import attention_backend_problem
+    from vllm_stateful_reduce.adapter.stage_metadata import attention_backend_problem
 
     spec = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=32, dtype=torch.float32)
     group = lambda backend: AttentionGroup(backend, ["layer"], spec, 0)  # noqa: E731

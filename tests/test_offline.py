@@ -44,6 +44,21 @@ def _worker_probe(worker) -> dict:
     }
 
 
+def _plugin_on_the_runner(worker) -> dict:
+    """Runs inside vLLM's worker process: whether the plugin's runner wrappers are there."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    import vllm_stateful_reduce
+    from vllm_stateful_reduce.adapter.patching import is_installed
+
+    return {
+        "registered": vllm_stateful_reduce._registered,
+        "runner_wrapped": is_installed(GPUModelRunner._model_forward)
+        or is_installed(GPUModelRunner.initialize_metadata_builders),
+        "model": type(worker.model_runner.model).__module__,
+    }
+
+
 def test_entry_point_is_discovered_in_engine_processes(llm) -> None:
     names = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="vllm.general_plugins")}
     assert names.get("stateful_reduce") == "vllm_stateful_reduce:register"
@@ -98,17 +113,23 @@ def prompt_logprob_table(llm: LLM, prompts: list[list[int]]) -> list[list[dict[i
 
 
 def test_text_logprobs_match_transformers_and_in_tree_nemotron_h(llm, reference, checkpoint, tmp_path) -> None:
-    """Reduction off, text only: the plugin's language model against two other implementations."""
+    """Reduction off, text only: the plugin's language model against two other implementations.
+    The in-tree model runs with the plugin loaded, and none of the plugin's code on its path."""
     rng = np.random.default_rng(0)
     prompts = [rng.integers(9, 512, n).tolist() for n in (300, 173, 64)]
-    ours = prompt_logprob_table(llm, prompts)
+    our_table = prompt_logprob_table(llm, prompts)
     in_tree_llm = LLM(**engine_kwargs(export_language_model(checkpoint, tmp_path / "lm"), limit_mm_per_prompt=None))
     try:
+        # the plugin is loaded there, and none of its code is on the in-tree model's path
+        (probe,) = in_tree_llm.collective_rpc(_plugin_on_the_runner)
+        assert probe == {"registered": True, "runner_wrapped": False, "model": "vllm.model_executor.models.nemotron_h"}
+        (ours,) = llm.collective_rpc(_plugin_on_the_runner)
+        assert ours["runner_wrapped"]  # the plugin's model installed them in its own engine
         in_tree = prompt_logprob_table(in_tree_llm, prompts)
     finally:
         shutdown(in_tree_llm)
     vs_hf, vs_in_tree = [], []
-    for prompt, our_rows, tree_rows in zip(prompts, ours, in_tree, strict=True):
+    for prompt, our_rows, tree_rows in zip(prompts, our_table, in_tree, strict=True):
         hf = torch.log_softmax(reference.lm(torch.tensor([prompt])).logits[0].double(), -1)
         for pos, (row, tree_row) in enumerate(zip(our_rows, tree_rows, strict=True)):
             assert row.keys() == tree_row.keys()

@@ -8,8 +8,8 @@ import pytest
 from vllm.engine.arg_utils import EngineArgs
 
 from vllm_stateful_reduce import log
+from vllm_stateful_reduce.adapter.request_checks import RequestError, check_request_options
 from vllm_stateful_reduce.config import ConfigError, parse, request_overrides
-from vllm_stateful_reduce.vllm_compat import RequestError, check_request_options
 
 from .helpers import engine_kwargs
 

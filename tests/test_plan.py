@@ -170,3 +170,13 @@ def test_batched_selection_matches_a_per_request_loop() -> None:
             after.scores[r, :k],
             scores[r][torch.searchsorted(visual[r, : int((visual[r] >= 0).sum())], torch.tensor(want_kept[r]))],
         )
+
+
+def test_scoring_choices_are_engine_wide() -> None:
+    """The reduced stack scores and selects with the engine's config, once per step for
+    every reducing request: none of those fields may become a per-request option."""
+    from vllm_stateful_reduce.config import PER_REQUEST_FIELDS
+
+    engine_wide = {"selection", "score_layers", "score_norm", "mamba_decay", "mamba_dt", "boundaries"}
+    assert engine_wide <= set(CONFIG.model_fields)
+    assert not engine_wide & PER_REQUEST_FIELDS

@@ -1,7 +1,7 @@
 """`vllm serve --model M --plugin stateful-reduce`: the design card's command, as typed.
 
 vLLM has no `--plugin` flag; the plugin declares it on the serve parser and acts on it
-while vLLM builds its config (vllm_compat.install_plugin_flag). Parsing and config
+while vLLM builds its config (adapter.cli.install_plugin_flag). Parsing and config
 tests need no engine; one real server is started with exactly the card's form.
 """
 
@@ -11,9 +11,9 @@ import urllib.request
 import pytest
 
 from vllm_stateful_reduce import ARCHITECTURE, HF_OVERRIDES
+from vllm_stateful_reduce.adapter.cli import PluginFlagError
 from vllm_stateful_reduce.testing.launch import plugin_flag_command, running_server
 from vllm_stateful_reduce.testing.video_files import video_data_url
-from vllm_stateful_reduce.vllm_compat import PluginFlagError
 
 from .helpers import MAX_MODEL_LEN, ask, video_part
 from .server_requests import server_client

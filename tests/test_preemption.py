@@ -25,7 +25,7 @@ def llm(checkpoint):
             max_num_batched_tokens=1024,
             num_gpu_blocks_override=16,  # 2048 token slots for four ~450-token requests
             disable_log_stats=False,
-            additional_config={"stateful_reduce": {"min_keep": 4}},
+            additional_config={"stateful_reduce": {"min_keep": 4, "record_kept": True}},
         )
     )
     yield llm

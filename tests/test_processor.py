@@ -214,7 +214,7 @@ def test_max_num_tiles_is_checked(processor) -> None:
 def test_per_request_options_survive_the_model_dtype() -> None:
     """vLLM casts floating-point multimodal fields to the model's dtype: options travel
     as integers, so a budget of 0.35 stays 0.35 in a bf16 engine (it was 0.3496)."""
-    from vllm_stateful_reduce.model.processing import decode_options, encode_options
+    from vllm_stateful_reduce.media_fields import decode_options, encode_options
 
     encoded = encode_options({"budget": 0.35, "evs_rate": 0.3})
     assert not encoded.is_floating_point()

@@ -20,7 +20,7 @@ from .helpers import chat_prompt, engine_kwargs, random_video, shutdown, video_m
 
 pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
-GLOBAL = {"min_keep": 4}
+GLOBAL = {"min_keep": 4, "record_kept": True}
 DECODE_TOKENS = 16
 
 
@@ -263,18 +263,19 @@ def _skipped_running_request(worker) -> dict:
     runner keeps it, the scheduler skipped it); then it leaves the runner. Its dropped counts
     must survive the first step and go with the second."""
     from vllm_stateful_reduce.plan import plan_step
+    from vllm_stateful_reduce.state import RequestInfo, RunnerBatch
 
     model = worker.model_runner.model
     stack = model.language_model.model
     stack.state.record("held", [0, 5, 9, 12])
-    other = ("other", 4, None, 4, 1, [1, 2, 3, 4], ())  # a text request decoding
+    other = RequestInfo("other", 4, model.request_config(None), 4, 1, [1, 2, 3, 4])  # a text request decoding
 
     def step(live: set[str]) -> dict:
-        model.set_batch([other], [], live)
+        model.set_batch(RunnerBatch((other,), (), frozenset(live)))
         stages = len(stack.boundaries) + 1
         plan = plan_step(stack.batch.requests, stack.state.dropped, stack.prompt_tokens, stack._schedule, stages)
         stack._record_plan(plan)
-        model.set_batch([], [])
+        model.set_batch(RunnerBatch())
         return dict(stack.state.dropped)
 
     return {"skipped": step({"held", "other"}), "left": step({"other"})}

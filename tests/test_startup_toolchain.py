@@ -1,6 +1,6 @@
 """Start-up on a CPU host without a C++ compiler (the CPU image had none, and died).
 
-The plugin compiles vLLM's log-prob rank op at start-up (vllm_compat.warm_up_logprob_ranks);
+The plugin compiles vLLM's log-prob rank op at start-up (adapter.runner_glue.warm_up_logprob_ranks);
 where inductor cannot compile, that must be a logged best effort, never a failed start.
 """
 

@@ -19,7 +19,7 @@ from .helpers import chat_prompt, engine_kwargs, random_video, shutdown, video_m
 
 pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
-GLOBAL = {"min_keep": 4, "score_norm": "sum"}  # the default (zscore) is covered by test_reduction
+GLOBAL = {"min_keep": 4, "score_norm": "sum", "record_kept": True}  # the default (zscore) is covered by test_reduction
 
 
 @pytest.fixture(scope="module")

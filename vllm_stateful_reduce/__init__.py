@@ -4,7 +4,7 @@ vLLM calls `register()` (entry point group `vllm.general_plugins`, name
 `stateful_reduce`) in every process it starts: front end, engine core, workers.
 """
 
-from .vllm_compat import REQUIRED_ENGINE_ARGS, hf_overrides
+from .adapter.config_hook import REQUIRED_ENGINE_ARGS, hf_overrides
 
 __all__ = ["ARCHITECTURE", "HF_OVERRIDES", "REQUIRED_ENGINE_ARGS", "register"]
 
@@ -17,29 +17,26 @@ _registered = False
 
 
 def register() -> None:
-    """Register the architecture, its config hook, the HF config class, the runner
-    glue that tells the model who is in the batch, the front end's check of per-request
-    options, the `--plugin stateful-reduce` flag of `vllm serve`, and the plugin's
-    logging under vLLM's. Idempotent."""
+    """Register the architecture (a lazy import: its module loads only where vLLM serves
+    it), its HF config class and config hook, the `--plugin stateful-reduce` flag of
+    `vllm serve`, and the plugin's logging under vLLM's. Idempotent.
+
+    Everything else acts only where the plugin's model is configured or built: the
+    config hook installs the front end's check of per-request options, the model the
+    runner glue (`adapter/`)."""
     global _registered
     if _registered:
         return
     from vllm import ModelRegistry
 
     from . import log
-    from .vllm_compat import (
-        install_config_hook,
-        install_plugin_flag,
-        install_request_option_check,
-        install_runner_glue,
-        register_hf_config,
-    )
+    from .adapter.cli import install_plugin_flag
+    from .adapter.config_hook import install_config_hook, register_hf_config
+    from .model.hf_config import NemotronNanoVLConfig
 
     log.route_to_vllm()
-    register_hf_config(ARCHITECTURE)
+    register_hf_config(ARCHITECTURE, NemotronNanoVLConfig)
     install_config_hook(ARCHITECTURE)
-    install_runner_glue()
-    install_request_option_check()
     install_plugin_flag()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "vllm_stateful_reduce.model.nano_vl:NemotronNanoVLStatefulReduce")

@@ -6,7 +6,7 @@
 Every field is validated strictly; an invalid value is a `ConfigError` (a ValueError)
 with one short message per bad field that names it, says what is allowed and shows
 (truncated) what was received, e.g. `stateful_reduce.budget must be in (0, 1], got 1.5`.
-A request gets it as HTTP 400 (see `vllm_compat.RequestError`), never a crash.
+A request gets it as HTTP 400 (see `adapter.request_checks.RequestError`), never a crash.
 """
 
 import json
@@ -116,13 +116,19 @@ class ReductionConfig(BaseModel):
         False,
         description="also reduce a prompt whose question comes before its last image or video (the model's "
         "recipe, most OpenAI clients); its visual tokens are then scored by the chat template's tail after the "
-        "media, which lost accuracy where measured (README), so such prompts are served unreduced by default",
+        "media, which lost accuracy where measured (docs/measurements.md), so such prompts are served unreduced "
+        "by default",
     )
     """A causal model's question rows cannot see media after them: what scores is the
     template's tail (`<|im_end|>`, the assistant prefix). Off: served unreduced, with the
     reason `question_before_media`; on: reduced, counted with `query="template_tail"`."""
     min_keep: int = Field(16, ge=1, description="never keep fewer visual tokens per request")
     """Never keep fewer visual tokens than this per request (or all, if fewer)."""
+    record_kept: bool = Field(
+        False,
+        description="keep the prompt positions of the visual tokens each stage kept, for the latest reduced "
+        "prefills, in `reduction_state.kept`; reads them back from the device, so for inspection and tests",
+    )
     timing: bool = Field(
         False,
         description="time each forward's phases (plan, metadata, scoring, selection, compaction) into "

@@ -35,9 +35,9 @@ from collections.abc import Mapping
 from prometheus_client import Counter
 from vllm.logger import init_logger
 
+from .adapter.model_parts import first_tensor_parallel_rank
 from .plan import StepPlan
 from .timing import PHASES
-from .vllm_compat import first_tensor_parallel_rank
 
 logger = init_logger(__name__)
 

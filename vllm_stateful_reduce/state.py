@@ -62,7 +62,7 @@ class ReductionState:
     # what scored the reduced prefills: "question" or "template_tail" -> count
     queries: dict[str, int] = field(default_factory=dict)
     # prompt positions of the visual tokens kept at each stage, for the most recent
-    # reduced prefills (bounded; for inspection and tests)
+    # reduced prefills (bounded; only with `record_kept`: inspection and tests)
     kept: OrderedDict[str, list[list[int]]] = field(default_factory=OrderedDict)
     max_kept_history: int = 256
     # one record per language-model forward while `timing` is on (see timing.py)

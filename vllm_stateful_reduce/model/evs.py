@@ -12,9 +12,9 @@ embeddings). After the vision tower:
 
 The span has the prompt's length, so vLLM places it as it placed the prompt; but the
 prompt's ids still show the first-frame layout. The reduction planner needs the real
-one: it is recorded on the embedding tensor (`record_layout`), which the runner keeps
-in its encoder cache under the item's hash, and read back by the runner glue
-(`recorded_layout`) before the step is planned.
+one: it is recorded on the embedding tensor (`media_fields.record_layout`), which the
+runner keeps in its encoder cache under the item's hash, and read back by the runner
+glue before the step is planned.
 """
 
 from collections.abc import Callable, Sequence
@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from vllm.multimodal.video_prune.evs import compute_retention_mask
 
-_LAYOUT = "_stateful_reduce_prompt_ids"
+from ..media_fields import record_layout
 
 
 def evs_video_embeddings(
@@ -43,13 +43,3 @@ def evs_video_embeddings(
     out = embed_tokens(ids_t).to(features.dtype)
     out[ids_t == context_id] = flat[mask]
     return record_layout(out, ids)
-
-
-def record_layout(embeddings: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    setattr(embeddings, _LAYOUT, ids)
-    return embeddings
-
-
-def recorded_layout(embeddings: object) -> list[int] | None:
-    """The prompt ids recorded with an EVS video's embeddings (None: not an EVS video)."""
-    return getattr(embeddings, _LAYOUT, None)

@@ -1,8 +1,10 @@
 """HF config classes for Nemotron Nano VL v2 checkpoints, parsed without remote code.
 
-The real checkpoint's `config.json` names remote code in `auto_map`. Registering
-`NemotronNanoVLConfig` for its `model_type` lets transformers (and so vLLM) parse the
-real checkpoint and the small ones built here the same way, offline.
+The real checkpoint's `config.json` names remote code in `auto_map`. The plugin's class
+is registered in vLLM's config registry under the plugin's architecture name, which is
+also its `model_type`: a real checkpoint is parsed by it once `HF_OVERRIDES` (the
+`--plugin` flag) sets that `model_type`, a checkpoint built here says it itself. Nothing
+is registered with transformers' `AutoConfig`, so no other model's config changes.
 """
 
 from typing import Any
@@ -10,7 +12,9 @@ from typing import Any
 from transformers import NemotronHConfig, PretrainedConfig
 from vllm.transformers_utils.configs.radio import VIT_TIMM_DIM_BY_NAME, RadioConfig
 
-MODEL_TYPE = "NemotronH_Nano_VL_V2"
+from .. import ARCHITECTURE
+
+SOURCE_MODEL_TYPE = "NemotronH_Nano_VL_V2"  # the real checkpoint's (its remote code's)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -24,7 +28,7 @@ class NemotronNanoVLConfig(PretrainedConfig):
     vLLM's RADIO model reads.
     """
 
-    model_type = MODEL_TYPE
+    model_type = ARCHITECTURE  # the plugin's own: vLLM's config registry key (adapter.config_hook)
 
     def __init__(
         self,

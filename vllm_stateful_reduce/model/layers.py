@@ -1,10 +1,10 @@
 """NemotronH blocks that also hand back the projection their scores are read from.
 
-Given to vLLM's `NemotronHModel` through its `decoder_layer_types` mapping: their
-`forward` is vLLM's own (the plain stack calls it); the reduced stack calls
-`forward_scored` on the blocks that score, which returns the same outputs plus what
-their scores are read from: the qkv projection of every row of the batch (attention),
-or the in_proj output and the scan's B and C (Mamba2, `scoring.MambaProjection`).
+Given to vLLM's `NemotronHModel` through its `decoder_layer_types` mapping. Both
+forwards run vLLM's own block forward; `forward_scored` (the reduced stack calls it on
+the blocks that score) also returns what the scores are read from, taken while it runs
+(`adapter.mixer_taps`): the qkv projection of every row of the batch (attention), or
+the in_proj output and the scan's B and C (Mamba2, `scoring.MambaProjection`).
 """
 
 import torch
@@ -14,28 +14,22 @@ from vllm.model_executor.models.nemotron_h import (
     NemotronHMambaDecoderLayer,
 )
 
-from ..vllm_compat import attention_forward_with_qkv, mamba_forward_with_projection
-
-
-def _pre_norm(norm, hidden_states: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if residual is None:
-        return norm(hidden_states), hidden_states
-    return norm(hidden_states, residual)
+from ..adapter.mixer_taps import run_with_projection, run_with_qkv
 
 
 class ScoredAttentionDecoderLayer(NemotronHAttentionDecoderLayer):
-    def forward_scored(self, hidden_states: torch.Tensor, residual: torch.Tensor | None):
+    def forward_scored(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
         """(output, residual, qkv projection)."""
-        hidden_states, residual = _pre_norm(self.norm, hidden_states, residual)
-        output, qkv = attention_forward_with_qkv(self.mixer, hidden_states)
+        run = lambda: self(positions=positions, hidden_states=hidden_states, residual=residual)  # noqa: E731
+        (output, residual), qkv = run_with_qkv(self.mixer, run)
         return output, residual, qkv
 
 
 class ScoredMambaDecoderLayer(NemotronHMambaDecoderLayer):
-    def forward_scored(self, hidden_states: torch.Tensor, residual: torch.Tensor | None):
+    def forward_scored(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
         """(output, residual, MambaProjection)."""
-        hidden_states, residual = _pre_norm(self.norm, hidden_states, residual)
-        output, projected = mamba_forward_with_projection(self.mixer, hidden_states)
+        run = lambda: self(positions=positions, hidden_states=hidden_states, residual=residual)  # noqa: E731
+        (output, residual), projected = run_with_projection(self.mixer, run)
         return output, residual, projected
 
 

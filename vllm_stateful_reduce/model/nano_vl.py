@@ -29,21 +29,18 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 from vllm.tokenizers import cached_tokenizer_from_config
 
-from .. import HF_OVERRIDES, vllm_compat
-from ..config import from_additional_config
+from .. import HF_OVERRIDES
+from ..adapter.model_parts import language_model_part, tower_model_part
+from ..adapter.model_state import model_state_cls
+from ..adapter.runner_glue import ReducingModel, install_runner_glue
+from ..config import ReductionConfig, from_additional_config
 from ..log import describe
+from ..media_fields import EVS_FIELD, float_values
 from ..plan import PromptTokens
-from ..state import RequestInfo, RunnerBatch
+from ..state import RunnerBatch
 from .evs import evs_video_embeddings
 from .hf_config import NemotronNanoVLConfig, radio_config_from
-from .processing import (
-    EVS_FIELD,
-    NanoVLDummyInputsBuilder,
-    NanoVLMultiModalProcessor,
-    NanoVLProcessingInfo,
-    float_values,
-    video_token_ids,
-)
+from .processing import NanoVLDummyInputsBuilder, NanoVLMultiModalProcessor, NanoVLProcessingInfo, video_token_ids
 from .reduced_stack import ReducibleNemotronHForCausalLM
 from .tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SpecialTokens
 
@@ -68,7 +65,7 @@ def _flat_pixels(value: object) -> torch.Tensor:
 
 
 def _per_item_floats(value: object) -> list[float]:
-    """A per-item float64 field the processor sent as int64 bits (`processing.float_bits`)."""
+    """A per-item float64 field the processor sent as int64 bits (`media_fields.float_bits`)."""
     return float_values(torch.stack([torch.as_tensor(v).flatten() for v in _items(value)]))
 
 
@@ -83,7 +80,7 @@ def pixel_shuffle(x: torch.Tensor, scale_factor: float) -> torch.Tensor:
 @MULTIMODAL_REGISTRY.register_processor(
     NanoVLMultiModalProcessor, info=NanoVLProcessingInfo, dummy_inputs=NanoVLDummyInputsBuilder
 )
-class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsMultiModal):
+class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsMultiModal, ReducingModel):
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         if modality.startswith("image"):
@@ -99,10 +96,11 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
                 f"NemotronNanoVLConfig: select the plugin with --plugin stateful-reduce, or give "
                 f"hf_overrides={HF_OVERRIDES} (vllm_stateful_reduce.HF_OVERRIDES)"
             )
+        install_runner_glue()  # only processes that build this model get the V1 runner's wrappers
         if getattr(config, "ps_version", "v2") != "v2":
             raise ValueError(f"ps_version={config.ps_version!r} is not supported (only 'v2')")
         self.config = config
-        self._configs: dict[tuple, object] = {}
+        self._configs: dict[tuple, ReductionConfig] = {}
         self.downsample_ratio = config.downsample_ratio
         self.patch_size = config.patch_size
 
@@ -124,14 +122,14 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
         text_vllm_config = vllm_config.with_hf_config(config.text_config, architectures=["NemotronHForCausalLM"])
         language_prefix = maybe_prefix(prefix, "language_model")
         with (
-            vllm_compat.language_model_part(self, vllm_config),
+            language_model_part(self, vllm_config),
             set_current_vllm_config(text_vllm_config, prefix=language_prefix),
         ):
             self.language_model = ReducibleNemotronHForCausalLM(
                 vllm_config=text_vllm_config, prefix=language_prefix, prompt_tokens=prompt_tokens
             )
         dtype = vllm_config.model_config.dtype
-        with vllm_compat.tower_model_part(self, vllm_config, {"image", "video"}):
+        with tower_model_part(self, vllm_config, {"image", "video"}):
             self.vision_model = RadioModel(config=radio_config_from(config)).to(dtype)
             shuffled = config.vit_hidden_size * int(round(1 / self.downsample_ratio)) ** 2
             self.mlp1 = nn.Sequential(
@@ -141,20 +139,8 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
                 nn.Linear(config.projector_hidden_size, config.text_config.hidden_size, bias=False),
             ).to(dtype)
 
-    def set_batch(self, requests: list[tuple], block_tables: list[torch.Tensor], live: Iterable[str] = ()) -> None:
-        """Called by the runner glue before each forward: for every row of the batch in
-        batch order (req_id, prompt length, per-request overrides, tokens computed
-        before this step, tokens of this step, prompt token ids, media spans), the
-        block table of every KV-cache group, and the ids of every request the runner
-        still holds (`RunnerBatch.live`)."""
-        self.language_model.model.batch = RunnerBatch(
-            tuple(
-                RequestInfo(req_id, num_prompt, self._request_config(overrides), computed, scheduled, prompt_ids, media)
-                for req_id, num_prompt, overrides, computed, scheduled, prompt_ids, media in requests
-            ),
-            tuple(block_tables),
-            frozenset(live),
-        )
+    def set_batch(self, batch: RunnerBatch) -> None:
+        self.language_model.model.batch = batch
 
     def bind_attention_groups(self, groups: list) -> None:
         """Called by the runner glue once its attention groups have their builders."""
@@ -164,10 +150,10 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
         return self.language_model.model.attention_groups is not None
 
     def get_model_state_cls(self) -> type:
-        """Model Runner V2's per-request state for this model (see vllm_compat)."""
-        return vllm_compat.model_state_cls()
+        """Model Runner V2's per-request state for this model (adapter/model_state.py)."""
+        return model_state_cls()
 
-    def _request_config(self, overrides: dict | None):
+    def request_config(self, overrides: dict | None) -> ReductionConfig:
         key = tuple(sorted((overrides or {}).items()))
         if key not in self._configs:
             self._configs[key] = self.reduction.with_overrides(overrides)

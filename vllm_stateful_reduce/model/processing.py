@@ -32,34 +32,14 @@ from vllm.multimodal.processing.processor import (
 )
 from vllm.multimodal.video_prune.evs import compute_retained_tokens_count
 
-from ..config import CONFIG_KEY, PER_REQUEST_FIELDS, ReductionConfig
+from ..adapter.model_parts import dummy_images, dummy_videos, expected_hidden_size
+from ..adapter.request_checks import RequestError, check_request_options
+from ..config import CONFIG_KEY
 from ..media import video_metadata
-from ..vllm_compat import RequestError, check_request_options, dummy_images, dummy_videos, expected_hidden_size
+from ..media_fields import EVS_FIELD, IMAGE_OPTIONS_FIELD, OPTION_NAMES, OPTIONS_FIELD, encode_options, float_bits
 from .hf_config import NemotronNanoVLConfig
 from .tiling import DEFAULT_MAX_NUM_TILES, image_tiles, num_tiles, target_ratios
 from .tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SpecialTokens
-
-# Per-request reduction options travel as a per-item tensor (videos and images), one
-# value per field of OPTION_NAMES (NaN = not set), kept with the request's multimodal
-# features; so does each video's EVS rate (what its prompt was shortened by).
-OPTIONS_FIELD = "stateful_reduce_options"
-IMAGE_OPTIONS_FIELD = "stateful_reduce_options_image"
-EVS_FIELD = "stateful_reduce_evs_rate"
-OPTION_NAMES = tuple(sorted(PER_REQUEST_FIELDS))
-_BOOLEAN_OPTIONS = {k for k in OPTION_NAMES if ReductionConfig.model_fields[k].annotation is bool}
-
-
-def encode_options(options: Mapping[str, Any] | None) -> torch.Tensor:
-    """Validated per-request options (`check_request_options`) as one tensor (`float_bits`)."""
-    overrides = options or {}
-    values = [float("nan") if overrides.get(k) is None else float(overrides[k]) for k in OPTION_NAMES]
-    return float_bits(torch.tensor(values, dtype=torch.float64))
-
-
-def decode_options(encoded: torch.Tensor) -> dict | None:
-    values = float_values(encoded)
-    out = {k: bool(v) if k in _BOOLEAN_OPTIONS else v for k, v in zip(OPTION_NAMES, values, strict=True) if v == v}
-    return out or None  # NaN: not given
 
 
 def frames_to_pixel_values(
@@ -98,15 +78,13 @@ def _normalised_by_table(
     """`_normalised` of uint8 frames by lookup into `out` (T, 3, H, W): each channel's 256
     levels computed once by the same float32 formula and rounded to `out`'s dtype (so bit
     for bit what the formula then a cast give), then read per pixel straight into the
-    channels-first layout, with no temporary per plane (`np.take(out=)`: 14 ms for 16
-    frames of 512 px into bf16, one thread, where fancy indexing took 23 ms; a float32
-    table, a copy into one tensor and vLLM's cast to bf16 took twice that again). Every
-    video request's front end pays it."""
+    channels-first layout, with no temporary per plane (`np.take(out=)`; fancy indexing,
+    or a float32 table then vLLM's cast, cost more). Every video request's front end pays it."""
     levels = torch.arange(256, dtype=torch.float32)[:, None]  # (256, 1)
     table = _normalised(levels, torch.tensor(mean), torch.tensor(std)).T.to(out.dtype).contiguous()  # (3, 256)
     bits = _int_view(table).numpy()  # numpy has no bf16: look up the bit patterns
     target = _int_view(out).numpy()
-    for t in range(frames.shape[0]):  # frame by frame: 1.5x faster than whole channels (cache)
+    for t in range(frames.shape[0]):  # frame by frame: a frame's planes stay in cache
         for c in range(3):
             np.take(bits[c], frames[t, ..., c], out=target[t, c])
     return out
@@ -272,17 +250,6 @@ def max_num_tiles(value: object) -> int:
     return value
 
 
-def float_bits(values: torch.Tensor) -> torch.Tensor:
-    """float64 values as their int64 bit patterns: vLLM casts floating-point multimodal
-    fields to the model's dtype (bf16 would turn 0.35 into 0.3496)."""
-    return values.to(torch.float64).view(torch.int64)
-
-
-def float_values(bits: torch.Tensor) -> list[float]:
-    """What `float_bits` encoded, flattened."""
-    return bits.flatten().view(torch.float64).tolist()
-
-
 def video_frames_indices(frames: np.ndarray, metadata: Mapping[str, Any]) -> list[int]:
     validate_frames(frames)
     indices = list(metadata.get("frames_indices") or range(frames.shape[0]))
@@ -357,7 +324,7 @@ class NanoVLDummyInputsBuilder(BaseDummyInputsBuilder[NanoVLProcessingInfo]):
 class NanoVLMultiModalProcessor(BaseMultiModalProcessor[NanoVLProcessingInfo]):
     def apply(self, inputs, timing_ctx):
         # Check the request's options first: whatever the preprocessor's __call__ raises,
-        # vLLM re-raises with the decoded media in the message (see vllm_compat).
+        # vLLM re-raises with the decoded media in the message (see adapter/request_checks.py).
         merged = self.info.ctx.get_merged_mm_kwargs(inputs.hf_processor_mm_kwargs)
         check_request_options(merged.get(CONFIG_KEY))
         max_num_tiles(merged.get("max_num_tiles"))

@@ -5,7 +5,7 @@ vLLM's own layer classes run (with the two scoring block kinds injected through
 
 1. plan on the host (`plan.plan_step`): which requests reduce, every stage's counts;
    upload what the device needs in one copy;
-2. build the attention / Mamba2 metadata of every stage that changes (`metadata`);
+2. build the attention / Mamba2 metadata of every stage that changes (`adapter.stage_metadata`);
 3. run the blocks; a scoring block adds its scores for all reducing requests in one
    call (`scoring`); at a boundary one batched top-k picks the winners, hidden
    states and residuals are gathered (`selection`) and the next stage's metadata
@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from vllm.compilation.decorators import ignore_torch_compile
 from vllm.config import VllmConfig
-from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
 from vllm.model_executor.models.nemotron_h import (
     NemotronHAttentionDecoderLayer,
@@ -29,8 +28,10 @@ from vllm.model_executor.models.nemotron_h import (
     NemotronHModel,
 )
 
-from .. import metadata as md
 from .. import scoring
+from ..adapter import stage_metadata as md
+from ..adapter.mixer_taps import nemotron_h_stack
+from ..adapter.stage_metadata import attention_backend_problem, install_layer_metadata, stage_builders
 from ..config import ReductionConfig, from_additional_config
 from ..log import ReasonRateLimit, local_first_rank
 from ..metrics import ReductionMetrics
@@ -39,7 +40,6 @@ from ..schedule import SCORING_KINDS, Schedule, boundary_blocks, build_schedule
 from ..selection import Kept, compact, top_k
 from ..state import ReductionState, RunnerBatch
 from ..timing import PhaseTimer
-from ..vllm_compat import attention_backend_problem, install_layer_metadata, nemotron_h_stack, stage_builders
 from .layers import SCORED_LAYER_TYPES
 
 logger = init_logger(__name__)
@@ -57,6 +57,9 @@ class ReducibleNemotronHModel(NemotronHModel):
         global_config = from_additional_config(vllm_config.additional_config)  # checked at start-up
         self.boundaries = boundary_blocks(self.pattern, global_config)  # engine-wide
         self.timing = global_config.timing
+        self.record_kept = global_config.record_kept
+        # scoring and selection choices: engine-wide, never per request (config.PER_REQUEST_FIELDS)
+        self.engine_config = global_config
         self.state = ReductionState()
         self.metrics = ReductionMetrics.for_engine(vllm_config, len(self.boundaries) + 1)
         self._unreduced_lines = ReasonRateLimit()
@@ -83,15 +86,8 @@ class ReducibleNemotronHModel(NemotronHModel):
         if not plan.active:
             out = NemotronHModel.forward(self, input_ids, positions, intermediate_tensors, inputs_embeds)
         else:
-            ctx = get_forward_context()
-            saved = dict(ctx.attn_metadata), dict(ctx.slot_mapping)
-            try:
+            with md.forward_context_kept():
                 out = self._reduced_forward(plan, timer, input_ids, positions, inputs_embeds)
-            finally:
-                ctx.attn_metadata.clear()
-                ctx.attn_metadata.update(saved[0])
-                ctx.slot_mapping.clear()
-                ctx.slot_mapping.update(saved[1])
         self.metrics.record_work(timer.seconds)
         if self.timing:
             self.state.timings.append(
@@ -126,61 +122,66 @@ class ReducibleNemotronHModel(NemotronHModel):
             logger.info(message + "%s", *args, more)
 
     def _reduced_forward(self, plan: StepPlan, timer: PhaseTimer, input_ids, positions, inputs_embeds) -> torch.Tensor:
+        """A step whose row layout differs from the runner's in some stage (`plan.active`)."""
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         num_tokens, total = hidden.shape[0], int(plan.scheduled.sum())
         hidden, residual = hidden[:total], None
+        # 1. every changing stage's attention / Mamba2 metadata, from one upload of the plan
         with timer.phase("metadata"):
             device_plan = plan.upload(hidden.device)
-            ctx = get_forward_context()
-            if self.attention_groups is None:
-                raise RuntimeError(
-                    "the runner glue did not bind the attention groups (vllm_compat.install_runner_glue)"
-                )
-            stages = md.stage_metadata(
-                plan, device_plan, ctx.attn_metadata, self.attention_groups, self.batch.block_tables, self.stage_layers
-            )
-        orig_rows = torch.arange(total, device=hidden.device)
-        kept = history = None
-        if plan.reducing:
-            kept = Kept(
-                device_plan.visual_rows,
-                device_plan.visual_positions,
-                torch.zeros_like(device_plan.visual_rows, dtype=torch.float32),
-            )
-            history = [kept.positions]
+            stages = self._stage_metadata(plan, device_plan)
+        # 2. the reducing requests' visual tokens, unscored (none when the step only
+        #    continues earlier reduced requests: a new layout, nothing to select)
+        kept = Kept(
+            device_plan.visual_rows,
+            device_plan.visual_positions,
+            torch.zeros_like(device_plan.visual_rows, dtype=torch.float32),
+        )
+        history = [kept.positions]  # per stage, for `record_kept`
+        rows = torch.arange(total, device=hidden.device)  # each row's row in the runner's layout
+        scored = self._scored_stages(plan)
         self._install(stages[0])
-        config = plan.reducing[0].config if plan.reducing else None  # scoring choices are engine-wide
-        scored_stages = self._scored_stages(plan, config) if config is not None else set()
         stage = 0
         for b, layer in enumerate(self.layers):
-            if kept is not None and config is not None and stage in scored_stages and self._scores_block(b, config):
-                hidden, residual, projection = layer.forward_scored(hidden, residual)
+            # 3. the block; one that scores adds its scores of the kept visual tokens
+            if stage in scored and self._scores_block(b):
+                hidden, residual, projection = layer.forward_scored(positions, hidden, residual)
                 with timer.phase("scoring"):
-                    kept = kept.with_scores(self._block_scores(layer, projection, device_plan, stage, kept, config))
+                    kept = kept.with_scores(self._block_scores(layer, projection, device_plan, stage, kept))
             else:
                 hidden, residual = layer(positions=positions, hidden_states=hidden, residual=residual)
-            if stage < len(self.boundaries) and b == self.boundaries[stage]:
-                stage += 1
-                if kept is not None and config is not None and history is not None:  # plan.reducing
-                    if self._drops_at(plan, stage):
-                        with timer.phase("selection"):
-                            num_rows = int(plan.rows[stage - 1].sum())
-                            ranking = self._ranking(plan, kept, stage) if config.selection == "random" else kept.scores
-                            index, kept = self._select(plan, device_plan, kept, stage, ranking, num_rows)
-                        with timer.phase("compaction"):
-                            hidden, residual = self._gather(hidden, index), self._gather(residual, index)
-                            orig_rows = orig_rows[index]
-                    elif self._stage_scores(stage, config):
-                        kept = kept.restarted()  # the next stage selects with its own scores
-                    history.append(kept.positions)
-                self._install(stages[stage])
+            if stage == len(self.boundaries) or b != self.boundaries[stage]:
+                continue
+            # 4. a boundary: where a request keeps fewer tokens, select and compact the rows
+            stage += 1
+            if self._drops_at(plan, stage):
+                with timer.phase("selection"):
+                    ranking = (
+                        self._ranking(plan, kept, stage) if self.engine_config.selection == "random" else kept.scores
+                    )
+                    index, kept = self._select(plan, device_plan, kept, stage, ranking)
+                with timer.phase("compaction"):
+                    hidden, residual = self._gather(hidden, index), self._gather(residual, index)
+                    rows = rows[index]
+            elif self._stage_scores(stage):
+                kept = kept.restarted()  # the next stage selects with its own scores
+            history.append(kept.positions)
+            self._install(stages[stage])
         hidden, _ = self.norm_f(hidden, residual)
-        if history is not None:
+        if self.record_kept and plan.reducing:
             self._record_kept(plan, history)
+        # 5. back to the runner's layout, which the sampler indexes (dropped rows: zeros)
         if hidden.shape[0] == num_tokens:
             return hidden
         out = hidden.new_zeros(num_tokens, hidden.shape[1])
-        return out.index_copy_(0, orig_rows, hidden)
+        return out.index_copy_(0, rows, hidden)
+
+    def _stage_metadata(self, plan: StepPlan, device_plan: DevicePlan) -> list[md.StageMetadata | None]:
+        if self.attention_groups is None:
+            raise RuntimeError("the runner glue did not bind the attention groups (adapter.runner_glue)")
+        return md.stage_metadata(
+            plan, device_plan, md.current_metadata(), self.attention_groups, self.batch.block_tables, self.stage_layers
+        )
 
     # ------------------------------------------------------------------ pieces
 
@@ -202,21 +203,25 @@ class ReducibleNemotronHModel(NemotronHModel):
             self._schedules[key] = build_schedule(self.pattern, config)
         return self._schedules[key]
 
-    def _scores_block(self, block: int, config: ReductionConfig) -> bool:
+    def _scores_block(self, block: int) -> bool:
         kind = SCORING_KINDS.get(self.pattern[block])
-        return config.selection == "scores" and kind is not None and config.score_layers in ("all", kind)
+        return (
+            self.engine_config.selection == "scores"
+            and kind is not None
+            and self.engine_config.score_layers in ("all", kind)
+        )
 
-    def _stage_scores(self, stage: int, config: ReductionConfig) -> bool:
+    def _stage_scores(self, stage: int) -> bool:
         """Whether any block of stage `stage` contributes scores."""
         edges = [-1, *self.boundaries, len(self.pattern) - 1]
-        return any(self._scores_block(b, config) for b in range(edges[stage] + 1, edges[stage + 1] + 1))
+        return any(self._scores_block(b) for b in range(edges[stage] + 1, edges[stage + 1] + 1))
 
     @staticmethod
     def _drops_at(plan: StepPlan, stage: int) -> bool:
         """Whether any reducing request keeps fewer visual tokens in `stage` than before."""
         return any(r.keep[stage] < r.keep[stage - 1] for r in plan.reducing)
 
-    def _scored_stages(self, plan: StepPlan, config: ReductionConfig) -> set[int]:
+    def _scored_stages(self, plan: StepPlan) -> set[int]:
         """Stages whose scores some selection uses: a stage that ends with a drop, and a
         stage whose scores a following stage without scoring blocks carries to its own
         drop."""
@@ -224,26 +229,24 @@ class ReducibleNemotronHModel(NemotronHModel):
         for stage in reversed(range(len(self.boundaries))):
             if self._drops_at(plan, stage + 1) or carried:
                 needed.add(stage)
-            carried = stage in needed and not self._stage_scores(stage, config)
+            carried = stage in needed and not self._stage_scores(stage)
         return needed
 
-    def _block_scores(self, layer, read, device_plan: DevicePlan, stage: int, kept: Kept, config: ReductionConfig):
+    def _block_scores(self, layer, read, device_plan: DevicePlan, stage: int, kept: Kept) -> torch.Tensor:
         args = (device_plan.query_rows[stage], device_plan.queries, device_plan.keys[stage], kept.rows)
+        config = self.engine_config
         if isinstance(layer, NemotronHAttentionDecoderLayer):
             scores = scoring.attention_block_scores(read, layer.mixer, *args)
         else:
             scores = scoring.mamba_block_scores(read, layer.mixer, *args, config.mamba_dt, config.mamba_decay)
         return scoring.normalised(scores, kept.valid, config.score_norm)
 
-    def _select(
-        self, plan: StepPlan, device_plan: DevicePlan, kept: Kept, stage: int, ranking: torch.Tensor, num_rows: int
-    ):
+    def _select(self, plan: StepPlan, device_plan: DevicePlan, kept: Kept, stage: int, ranking: torch.Tensor):
         """Keep each reducing request's `keep[stage]` best-ranked visual tokens."""
         k_max = max(r.keep[stage] for r in plan.reducing)
         chosen = top_k(ranking, kept.valid, device_plan.keep[stage], k_max)
-        config = plan.reducing[0].config
-        carry = stage > 0 and not self._stage_scores(stage, config)
-        return compact(kept, chosen, num_rows, int(plan.rows[stage].sum()), carry)
+        carry = stage > 0 and not self._stage_scores(stage)
+        return compact(kept, chosen, int(plan.rows[stage - 1].sum()), int(plan.rows[stage].sum()), carry)
 
     @staticmethod
     def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

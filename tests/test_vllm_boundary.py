@@ -1,0 +1,117 @@
+"""The plugin's boundary with vLLM: vLLM internals are reached from `adapter/` only, and
+the adapter never imports the model modules back (no import circle).
+
+Outside the adapter the package may import from vLLM what an in-tree model imports
+(the model-building API: `vllm.model_executor`, `vllm.multimodal`, `vllm.config`, ...),
+and never a name vLLM marks private (a leading underscore). Parsed from the source, so a
+lazy import inside a function counts too.
+"""
+
+import ast
+from pathlib import Path
+
+import vllm_stateful_reduce
+
+PACKAGE = Path(vllm_stateful_reduce.__file__).parent
+ADAPTER = PACKAGE / "adapter"
+# what vLLM's own in-tree models import
+MODEL_API = (
+    "vllm.config",
+    "vllm.logger",
+    "vllm.distributed",
+    "vllm.model_executor",
+    "vllm.multimodal",
+    "vllm.compilation.decorators",
+    "vllm.sequence",
+    "vllm.tokenizers",
+    "vllm.transformers_utils.configs",
+    "vllm.utils",
+)
+
+
+def vllm_imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, module, imported names) of every `vllm` import in a file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "vllm":
+            found.append((node.lineno, node.module or "", [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name, []) for a in node.names if a.name.split(".")[0] == "vllm"]
+    return found
+
+
+def relative_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module) of every relative import in a package file."""
+    package = path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - node.level + 1]
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            out += [(node.lineno, module)] if node.module else [(node.lineno, f"{module}.{a.name}") for a in node.names]
+    return out
+
+
+def test_vllm_internals_are_reached_from_the_adapter_only() -> None:
+    problems = []
+    files = [p for p in PACKAGE.rglob("*.py") if ADAPTER not in p.parents]
+    for path in files:
+        for line, module, names in vllm_imports(path):
+            where = f"{path.relative_to(PACKAGE)}:{line}"
+            private = [n for n in [*module.split("."), *names] if n.startswith("_")]
+            if private:
+                problems.append(f"{where}: private vLLM name {private} from {module}")
+            elif module != "vllm" and not module.startswith(MODEL_API):
+                problems.append(f"{where}: {module} is not the model API; reach it through adapter/")
+    assert len(files) > 20  # the walk saw the package
+    assert not problems, "\n".join(problems)
+
+
+def test_the_adapter_does_not_import_the_model_modules() -> None:
+    circles = [
+        f"{path.relative_to(PACKAGE)}:{line}: {module}"
+        for path in ADAPTER.glob("*.py")
+        for line, module in relative_imports(path)
+        if module.startswith("vllm_stateful_reduce.model")
+    ]
+    assert len(list(ADAPTER.glob("*.py"))) >= 8
+    assert not circles, "\n".join(circles)
+
+
+FRONT_END_PROBE = """
+import json, sys
+from vllm.engine.arg_utils import EngineArgs
+from vllm.renderers import online_renderer
+from vllm.renderers.base import BaseRenderer
+from vllm_stateful_reduce import HF_OVERRIDES, REQUIRED_ENGINE_ARGS
+from vllm_stateful_reduce.adapter.patching import is_installed
+
+def patched():
+    return is_installed(online_renderer.validate_request_mm_kwargs) or is_installed(BaseRenderer._process_tokens)
+
+seen = {}
+EngineArgs(model=sys.argv[1], max_model_len=2048).create_engine_config()  # vLLM's in-tree NemotronH
+seen["in_tree"] = patched()
+ours = EngineArgs(model=sys.argv[2], hf_overrides=HF_OVERRIDES, max_model_len=2048, **REQUIRED_ENGINE_ARGS)
+ours.create_engine_config()
+seen["ours"] = patched()
+print(json.dumps(seen))
+"""
+
+
+def test_front_end_checks_are_installed_only_for_the_plugins_model(checkpoint, tmp_path) -> None:
+    """A front end configured for another model (vLLM's in-tree NemotronH), the plugin
+    loaded, has none of the plugin's request checks; configuring the plugin's model installs
+    them. (The worker side: tests/test_offline.py.) A fresh process: nothing installed yet."""
+    import json
+    import subprocess
+    import sys
+
+    from vllm_stateful_reduce.testing.checkpoint import export_language_model
+
+    in_tree = export_language_model(checkpoint, tmp_path / "lm")
+    run = subprocess.run(
+        [sys.executable, "-c", FRONT_END_PROBE, str(in_tree), str(checkpoint)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"in_tree": False, "ours": True}
