@@ -188,7 +188,10 @@ def built_once(path: Path, build) -> Path:
 def cached_checkpoints() -> tuple[Path, Path]:
     """The benchmark checkpoint under artifacts/ (keyed by its spec) and its language
     model alone as a text-only NemotronH checkpoint."""
-    key = hashlib.sha256(json.dumps(asdict(SPEC), sort_keys=True).encode()).hexdigest()[:12]
+    from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
+
+    layout = asdict(SPEC) | {"model_type": NemotronNanoVLConfig.model_type}  # a new layout builds anew
+    key = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:12]
     checkpoint = built_once(ROOT / "artifacts" / f"prefill-speedup-{key}", lambda d: build_checkpoint(d, SPEC))
     text = built_once(checkpoint.with_name(checkpoint.name + "-text"), lambda d: export_language_model(checkpoint, d))
     return checkpoint, text

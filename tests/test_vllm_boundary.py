@@ -86,8 +86,11 @@ from vllm.renderers.base import BaseRenderer
 from vllm_stateful_reduce import HF_OVERRIDES, REQUIRED_ENGINE_ARGS
 from vllm_stateful_reduce.adapter.patching import is_installed
 
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
 def patched():
-    return is_installed(online_renderer.validate_request_mm_kwargs) or is_installed(BaseRenderer._process_tokens)
+    checks = is_installed(online_renderer.validate_request_mm_kwargs) or is_installed(BaseRenderer._process_tokens)
+    return {"request_checks": checks, "autoconfig": "NemotronH_Nano_VL_V2" in CONFIG_MAPPING}
 
 seen = {}
 EngineArgs(model=sys.argv[1], max_model_len=2048).create_engine_config()  # vLLM's in-tree NemotronH
@@ -101,8 +104,9 @@ print(json.dumps(seen))
 
 def test_front_end_checks_are_installed_only_for_the_plugins_model(checkpoint, tmp_path) -> None:
     """A front end configured for another model (vLLM's in-tree NemotronH), the plugin
-    loaded, has none of the plugin's request checks; configuring the plugin's model installs
-    them. (The worker side: tests/test_offline.py.) A fresh process: nothing installed yet."""
+    loaded, has none of the plugin's request checks and transformers' AutoConfig does not
+    know the Nano VL model_type; configuring the plugin's model installs both. (The worker
+    side: tests/test_offline.py.) A fresh process: nothing installed yet."""
     import json
     import subprocess
     import sys
@@ -114,4 +118,22 @@ def test_front_end_checks_are_installed_only_for_the_plugins_model(checkpoint, t
         [sys.executable, "-c", FRONT_END_PROBE, str(in_tree), str(checkpoint)], capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"in_tree": False, "ours": True}
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen == {
+        "in_tree": {"request_checks": False, "autoconfig": False},
+        "ours": {"request_checks": True, "autoconfig": True},
+    }
+
+
+def test_console_scripts_resolve() -> None:
+    """Every console script pyproject.toml declares points at a callable that exists (a
+    moved module would leave `vllm-stateful-reduce serve`, the docker entry point, broken)."""
+    import importlib
+
+    import tomllib
+
+    scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert "vllm-stateful-reduce" in scripts
+    for name, target in scripts.items():
+        module, _, attribute = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attribute)), name

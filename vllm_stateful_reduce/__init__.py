@@ -4,6 +4,8 @@ vLLM calls `register()` (entry point group `vllm.general_plugins`, name
 `stateful_reduce`) in every process it starts: front end, engine core, workers.
 """
 
+import os
+
 from .adapter.config_hook import REQUIRED_ENGINE_ARGS, hf_overrides
 
 __all__ = ["ARCHITECTURE", "HF_OVERRIDES", "REQUIRED_ENGINE_ARGS", "register"]
@@ -31,12 +33,14 @@ def register() -> None:
 
     from . import log
     from .adapter.cli import install_plugin_flag
-    from .adapter.config_hook import install_config_hook, register_hf_config
-    from .model.hf_config import NemotronNanoVLConfig
+    from .adapter.config_hook import SERVING_ENV, install_config_hook, register_hf_config, register_source_model_type
+    from .model.hf_config import NemotronNanoVLConfig, NemotronNanoVLSourceConfig
 
     log.route_to_vllm()
     register_hf_config(ARCHITECTURE, NemotronNanoVLConfig)
-    install_config_hook(ARCHITECTURE)
+    install_config_hook(ARCHITECTURE, NemotronNanoVLSourceConfig)
+    if os.environ.get(SERVING_ENV):  # started by a process that configured the plugin's model
+        register_source_model_type(NemotronNanoVLSourceConfig)
     install_plugin_flag()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "vllm_stateful_reduce.model.nano_vl:NemotronNanoVLStatefulReduce")

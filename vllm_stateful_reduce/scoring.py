@@ -12,12 +12,12 @@ the plan), on the hidden states' device. With tensor parallelism each rank holds
 slice of the heads / groups, so partial sums are all-reduced before anyone picks.
 """
 
-from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
+from .adapter.mixer_taps import MambaProjection
 from .kernels import torch_ops
 from .kernels.torch_ops import Varlen
 
@@ -61,19 +61,6 @@ def attention_block_scores(
     k = qkv[:, q_size : q_size + kv_size].view(-1, mixer.num_kv_heads, mixer.head_dim)
     scores = kernels_for(qkv).attention_scores(q, k, queries, keys, visual_rows, mixer.head_dim**-0.5)
     return tp_all_reduce(scores)
-
-
-@dataclass(frozen=True)
-class MambaProjection:
-    """What a Mamba2 block's proxy reads, taken from the block's own forward: the in_proj
-    output of every row (for dt), and B and C after conv1d + SiLU exactly as the scan
-    consumed them, for the step's prefill rows (row i of `b` / `c` is packed row
-    `first_row + i`: decode rows come first)."""
-
-    projected: torch.Tensor  # (rows, in_proj width)
-    b: torch.Tensor  # (prefill rows, G*N)
-    c: torch.Tensor  # (prefill rows, G*N)
-    first_row: int
 
 
 def mamba_block_scores(

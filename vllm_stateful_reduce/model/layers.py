@@ -4,7 +4,7 @@ Given to vLLM's `NemotronHModel` through its `decoder_layer_types` mapping. Both
 forwards run vLLM's own block forward; `forward_scored` (the reduced stack calls it on
 the blocks that score) also returns what the scores are read from, taken while it runs
 (`adapter.mixer_taps`): the qkv projection of every row of the batch (attention), or
-the in_proj output and the scan's B and C (Mamba2, `scoring.MambaProjection`).
+the in_proj output and the scan's B and C (Mamba2, `mixer_taps.MambaProjection`).
 """
 
 import torch

@@ -30,6 +30,7 @@ from vllm.sequence import IntermediateTensors
 from vllm.tokenizers import cached_tokenizer_from_config
 
 from .. import HF_OVERRIDES
+from ..adapter.config_hook import register_source_model_type
 from ..adapter.model_parts import language_model_part, tower_model_part
 from ..adapter.model_state import model_state_cls
 from ..adapter.runner_glue import ReducingModel, install_runner_glue
@@ -39,12 +40,13 @@ from ..media_fields import EVS_FIELD, float_values
 from ..plan import PromptTokens
 from ..state import RunnerBatch
 from .evs import evs_video_embeddings
-from .hf_config import NemotronNanoVLConfig, radio_config_from
+from .hf_config import NemotronNanoVLConfig, NemotronNanoVLSourceConfig, radio_config_from
 from .processing import NanoVLDummyInputsBuilder, NanoVLMultiModalProcessor, NanoVLProcessingInfo, video_token_ids
 from .reduced_stack import ReducibleNemotronHForCausalLM
 from .tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SpecialTokens
 
 logger = init_logger(__name__)
+register_source_model_type(NemotronNanoVLSourceConfig)  # this process loads the plugin's model
 
 # RADIO checkpoints carry no layer scale; vLLM keeps these at `initializer_factor`.
 _VISION_PARAMS_NOT_IN_CHECKPOINT = (".ls1", ".ls2")
