@@ -10,6 +10,8 @@ lazy import inside a function counts too.
 import ast
 from pathlib import Path
 
+import pytest
+
 import vllm_stateful_reduce
 
 PACKAGE = Path(vllm_stateful_reduce.__file__).parent
@@ -137,3 +139,41 @@ def test_console_scripts_resolve() -> None:
     for name, target in scripts.items():
         module, _, attribute = target.partition(":")
         assert callable(getattr(importlib.import_module(module), attribute)), name
+
+
+def test_mamba_tap_refuses_a_vllm_that_splits_elsewhere(monkeypatch) -> None:
+    """The Mamba2 tap reads B and C where vLLM 0.32's scan splits them. A doctored vLLM
+    whose forward never calls the mixer's split function (or splits other rows) makes it
+    raise, naming the layer and the vLLM version - never a silent wrong score."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm import forward_context
+
+    from vllm_stateful_reduce.adapter.mixer_taps import run_with_projection
+
+    rows, width = 5, 12
+    meta = SimpleNamespace(num_prefills=1, num_prefill_tokens=rows, num_decode_tokens=0)
+    monkeypatch.setattr(forward_context, "get_forward_context", lambda: SimpleNamespace(attn_metadata={"m0": meta}))
+
+    class Mixer(torch.nn.Module):
+        prefix = "m0"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_proj = torch.nn.Linear(4, width)
+            self.split_hidden_states_B_C_fn = lambda x: torch.split(x, [4, 4, 4], dim=-1)
+
+    mixer, x = Mixer(), torch.randn(rows, 4)
+
+    def vllm_0_32() -> torch.Tensor:  # in_proj, then the scan's split of the prefill rows
+        projected = mixer.in_proj(x)
+        mixer.split_hidden_states_B_C_fn(projected)
+        return projected
+
+    _, seen = run_with_projection(mixer, vllm_0_32)
+    assert seen.b.shape == (rows, 4) and torch.equal(seen.projected, mixer.in_proj(x))
+    doctored = [lambda: mixer.in_proj(x), lambda: mixer.split_hidden_states_B_C_fn(mixer.in_proj(x)[:2])]
+    for forward in doctored:
+        with pytest.raises(RuntimeError, match="m0: the scan's B and C .* vLLM 0.32"):
+            run_with_projection(mixer, forward)
