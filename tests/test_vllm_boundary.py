@@ -8,6 +8,7 @@ lazy import inside a function counts too.
 """
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -113,11 +114,13 @@ def test_front_end_checks_are_installed_only_for_the_plugins_model(checkpoint, t
     import subprocess
     import sys
 
+    from vllm_stateful_reduce.adapter.config_hook import SERVING_ENV
     from vllm_stateful_reduce.testing.checkpoint import export_language_model
 
     in_tree = export_language_model(checkpoint, tmp_path / "lm")
+    env = {k: v for k, v in os.environ.items() if k != SERVING_ENV}  # as an operator starts it, not from a test
     run = subprocess.run(
-        [sys.executable, "-c", FRONT_END_PROBE, str(in_tree), str(checkpoint)], capture_output=True, text=True
+        [sys.executable, "-c", FRONT_END_PROBE, str(in_tree), str(checkpoint)], capture_output=True, text=True, env=env
     )
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
