@@ -154,7 +154,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     started = time.monotonic()
     print(f"[0/{len(configs)}] stateless, through the reference ({len(examples)} examples)", flush=True)
-    results["stateless"], results["reference_full"] = stateless(args.model, args.task, order, examples, budgets)
+    results["stateless"], results["reference_full"] = stateless(args.model, order, examples, budgets)
     print(
         "  stateless: "
         + ", ".join(f"{b:.0%} {results['stateless'][str(b)]['accuracy']:.3f}" for b in budgets)
@@ -265,7 +265,7 @@ def scored(hits: list[bool], examples: list) -> dict:
     }
 
 
-def stateless(model: Path, task: str, order: str, examples: list, budgets: list[float]) -> tuple[dict, dict]:
+def stateless(model: Path, order: str, examples: list, budgets: list[float]) -> tuple[dict, dict]:
     """The stateless arm per budget, and the reference's own full-token accuracy: ours'
     unified score (the plugin's defaults) on the reference's unreduced forward, the top
     `budget` of the visual tokens kept and the rest dropped before block 0. An answer is
@@ -274,14 +274,14 @@ def stateless(model: Path, task: str, order: str, examples: list, budgets: list[
     import torch
 
     from vllm_stateful_reduce.analyze.dropping import answered, kept_tokens
-    from vllm_stateful_reduce.analyze.items import task_items
+    from vllm_stateful_reduce.analyze.items import example_items
     from vllm_stateful_reduce.analyze.scores import unreduced_forward
     from vllm_stateful_reduce.config import ReductionConfig
     from vllm_stateful_reduce.testing.encoding import Encoder
     from vllm_stateful_reduce.testing.oracle import ReferenceNanoVL
 
     reference, config = ReferenceNanoVL(model), ReductionConfig()
-    items = task_items(Encoder(model), len(examples), order=order, family=task)
+    items = example_items(Encoder(model), examples, order)
     hits: dict[str, list[bool]] = {str(b): [] for b in [1.0, *budgets]}
     for item in items:
         fw = unreduced_forward(reference, item, config)

@@ -8,13 +8,13 @@ import numpy as np
 import torch
 
 from vllm_stateful_reduce.config import parse
-from vllm_stateful_reduce.plan import PromptTokens, plan_step
+from vllm_stateful_reduce.plan import PromptMarkers, plan_step
 from vllm_stateful_reduce.schedule import build_schedule
 from vllm_stateful_reduce.selection import Kept, compact, top_k
 from vllm_stateful_reduce.state import MediaSpan, RequestInfo
 
 PATTERN = "M*-M-M*-M-M*-"  # boundaries after blocks 1, 6, 11: four stages
-VIS = PromptTokens(context_token_id=9)
+VIS = PromptMarkers(context_token_id=9)
 CONFIG = parse({"min_keep": 4})
 
 
@@ -110,7 +110,7 @@ def test_plain_steps_are_not_active() -> None:
 def test_question_before_media_is_served_unreduced_unless_asked() -> None:
     """A chat prompt whose question precedes the video: after the media only whitespace,
     then the template's end of turn (special id 11) and the assistant prefix."""
-    tokens = PromptTokens(context_token_id=9, special=frozenset({10, 11}), blank=frozenset({12}))
+    tokens = PromptMarkers(context_token_id=9, turn_end=frozenset({10, 11}), blank=frozenset({12}))
     tail = [12, 11, 12, 10, 4, 4, 12]  # "\n<|im_end|>\n<|im_start|>assistant\n"
     first = prompt(6, question=0) + tail
     after = prompt(6, question=0) + [12, 3, 3, 11] + tail[2:]  # "\nQ?<|im_end|>..."

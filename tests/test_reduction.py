@@ -273,7 +273,7 @@ def _skipped_running_request(worker) -> dict:
     def step(live: set[str]) -> dict:
         model.set_batch(RunnerBatch((other,), (), frozenset(live)))
         stages = len(stack.boundaries) + 1
-        plan = plan_step(stack.batch.requests, stack.state.dropped, stack.prompt_tokens, stack._schedule, stages)
+        plan = plan_step(stack.batch.requests, stack.state.dropped, stack.prompt_markers, stack._schedule, stages)
         stack._record_plan(plan)
         model.set_batch(RunnerBatch())
         return dict(stack.state.dropped)

@@ -31,13 +31,13 @@ from .state import RequestInfo
 
 
 @dataclass(frozen=True)
-class PromptTokens:
+class PromptMarkers:
     """The token ids a plan reads a prompt by (fixed per checkpoint, from its tokenizer)."""
 
     context_token_id: int  # the id of every visual row, of images and video frames
     # special tokens other than the media ones: a user's text ends at the first one (the
     # chat template's end of turn, `<|im_end|>`); empty: every row after the media is text
-    special: frozenset[int] = frozenset()
+    turn_end: frozenset[int] = frozenset()
     blank: frozenset[int] = frozenset()  # tokens of whitespace only: no question in them
 
 
@@ -203,7 +203,7 @@ def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
 def plan_step(
     batch: Sequence[RequestInfo],
     dropped: Mapping[str, list[int]],
-    tokens: PromptTokens,
+    markers: PromptMarkers,
     schedule_for: Callable[[ReductionConfig], Schedule],
     num_stages: int,
 ) -> StepPlan:
@@ -222,7 +222,7 @@ def plan_step(
             carried = list(dropped.get(info.req_id, ()))[:num_stages]
             num_computed[:, i] -= np.array(carried + [0] * (num_stages - len(carried)), dtype=np.int64)
             continue
-        request = _plan_prefill(i, info, tokens, schedule_for)
+        request = _plan_prefill(i, info, markers, schedule_for)
         if isinstance(request, Skip):
             if request.reason != "no_media":
                 (disabled if request.reason == "disabled" else skipped).append(request)
@@ -237,7 +237,7 @@ def plan_step(
 
 
 def _plan_prefill(
-    index: int, info: RequestInfo, tokens: PromptTokens, schedule_for: Callable[[ReductionConfig], Schedule]
+    index: int, info: RequestInfo, markers: PromptMarkers, schedule_for: Callable[[ReductionConfig], Schedule]
 ) -> Reducing | Skip:
     """A fresh prefill: its reduction, or why it is served unreduced."""
     config = info.config
@@ -248,7 +248,7 @@ def _plan_prefill(
     reduced = np.zeros(len(prompt), dtype=bool)  # inside an item of a reduced modality
     for span in spans:
         reduced[span.offset : span.offset + span.length] = True
-    visual = np.flatnonzero((prompt == tokens.context_token_id) & reduced)
+    visual = np.flatnonzero((prompt == markers.context_token_id) & reduced)
 
     def skip(reason: str) -> Skip:
         return Skip(info.req_id, reason, len(visual))
@@ -267,7 +267,7 @@ def _plan_prefill(
     num_query = info.num_prompt_tokens - media_end
     if num_query <= 0:
         return skip("no_text_after_video")
-    asked_after = user_text_follows(prompt[media_end:], tokens)
+    asked_after = user_text_follows(prompt[media_end:], markers)
     if not asked_after and not config.reduce_question_before_media:
         return skip(
             "question_before_media: only the chat template follows the last media, and the question's own rows "
@@ -284,13 +284,13 @@ def _plan_prefill(
     return Reducing(index, info.req_id, visual, num_query, query, num_output, (*keep,), config)
 
 
-def user_text_follows(tail: np.ndarray, tokens: PromptTokens) -> bool:
+def user_text_follows(tail: np.ndarray, markers: PromptMarkers) -> bool:
     """Whether the user wrote anything but whitespace after the media: a row of `tail`
     (the prompt after its last media) that is neither blank nor after the first special
     token, which ends the user's turn."""
     for token in tail.tolist():
-        if token in tokens.special:
+        if token in markers.turn_end:
             return False
-        if token not in tokens.blank:
+        if token not in markers.blank:
             return True
     return False

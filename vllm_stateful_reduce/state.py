@@ -9,7 +9,7 @@ request must use `seq_len - dropped[j]` and write its new token at
 the request leaves the runner (finish, abort).
 """
 
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,9 +58,9 @@ class RunnerBatch:
 class ReductionState:
     dropped: dict[str, list[int]] = field(default_factory=dict)
     # why requests were served unreduced, for logs and tests: reason -> count
-    skipped: dict[str, int] = field(default_factory=dict)
+    skipped: Counter[str] = field(default_factory=Counter)
     # what scored the reduced prefills: "question" or "template_tail" -> count
-    queries: dict[str, int] = field(default_factory=dict)
+    queries: Counter[str] = field(default_factory=Counter)
     # prompt positions of the visual tokens kept at each stage, for the most recent
     # reduced prefills (bounded; only with `record_kept`: inspection and tests)
     kept: OrderedDict[str, list[list[int]]] = field(default_factory=OrderedDict)
@@ -84,9 +84,3 @@ class ReductionState:
         self.kept.move_to_end(req_id)
         while len(self.kept) > self.max_kept_history:
             self.kept.popitem(last=False)
-
-    def count_skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-
-    def count_query(self, query: str) -> None:
-        self.queries[query] = self.queries.get(query, 0) + 1

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..config import ReductionConfig
+from ..media_fields import EVS_FIELD, IMAGE_OPTIONS_FIELD, OPTIONS_FIELD, decode_options, float_values, recorded_layout
 from ..state import MediaSpan, RequestInfo, RunnerBatch
 from .patching import is_installed, mark_installed
 
@@ -116,7 +117,6 @@ def media_spans(mm_features, laid_out: frozenset[str] = frozenset()) -> tuple[Me
     """Where each image and video sits in the prompt (`MultiModalFeatureSpec.mm_position`);
     an EVS video whose real layout was not read (`laid_out`: their identifiers) is marked
     so the planner does not take its first-frame placeholder for the real rows."""
-    from ..media_fields import EVS_FIELD, float_values
 
     def evs(feature) -> bool:
         data = feature.data or {}
@@ -135,8 +135,6 @@ def with_evs_layouts(
     embeddings carry (model/evs.py; the runner caches encoder outputs by the item's hash,
     vLLM 0.32 `GPUModelRunner.encoder_cache`), and the identifiers of those videos. The
     runner's own list stays as it is."""
-    from ..media_fields import recorded_layout
-
     out, done = None, set()
     for feature in mm_features or ():
         layout = recorded_layout(encoder_cache.get(feature.identifier)) if feature.modality == "video" else None
@@ -150,8 +148,6 @@ def with_evs_layouts(
 
 def request_overrides(mm_features) -> dict | None:
     """Per-request options the processor stored with the request's first image or video."""
-    from ..media_fields import IMAGE_OPTIONS_FIELD, OPTIONS_FIELD, decode_options
-
     for feature in mm_features or ():
         for field in (OPTIONS_FIELD, IMAGE_OPTIONS_FIELD):
             if feature.data is not None and field in feature.data:

@@ -62,6 +62,11 @@ def _continue(model: ReferenceNanoVL, fw: Forward, stay: torch.Tensor, start: in
     return model.lm.model.norm_f(h)
 
 
+def _answer_logits(model: ReferenceNanoVL, h: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """(answer tokens, vocab) logits of the rows that predict the answer (teacher forced)."""
+    return model.lm.lm_head(h[len(h) - len(answer) - 1 : -1])
+
+
 @torch.inference_mode()
 def answered(model: ReferenceNanoVL, item: Item, fw: Forward, kept: torch.Tensor, start: int = 0) -> bool:
     """Whether every answer token is still the argmax with the visual tokens outside
@@ -69,8 +74,7 @@ def answered(model: ReferenceNanoVL, item: Item, fw: Forward, kept: torch.Tensor
     block saw them - stateless; len(pattern): nothing removed)."""
     h = _continue(model, fw, _staying_rows(fw, kept)[1], start)
     answer = torch.tensor(item.answer, dtype=torch.long)
-    logits = model.lm.lm_head(h[len(h) - len(answer) - 1 : -1])
-    return bool((logits.argmax(-1) == answer).all())
+    return bool((_answer_logits(model, h, answer).argmax(-1) == answer).all())
 
 
 @torch.inference_mode()
@@ -81,10 +85,9 @@ def drop_at_each_block(model: ReferenceNanoVL, item: Item, fw: Forward, kept: to
     loglik, correct, features = [], [], []
     for start in range(len(model.pattern) + 1):  # start = l + 1: the first block without the dropped rows
         h = _continue(model, fw, stay, start)
-        last_prompt_row = len(h) - len(answer) - 1
-        features.append(h[last_prompt_row])
+        features.append(h[len(h) - len(answer) - 1])  # the last prompt row
         if len(answer):
-            logprobs = model.lm.lm_head(h[last_prompt_row:-1]).log_softmax(-1)
+            logprobs = _answer_logits(model, h, answer).log_softmax(-1)
             loglik.append(float(logprobs.gather(1, answer[:, None]).sum()))
             correct.append(bool((logprobs.argmax(-1) == answer).all()))
         else:

@@ -53,10 +53,14 @@ def _item(enc: Encoder, example: Example, tokens_per_frame: int, known: bool, or
 
 
 def task_items(enc: Encoder, count: int, order: str = "video_first", **task: object) -> list[Item]:
-    """Held-out examples of the task family (`task`: `make_example`'s options), the
-    question after the video or before it (`order`, `tokenizer.ORDERS`)."""
+    """Held-out examples of the task family (`task`: `make_example`'s options)."""
+    return example_items(enc, [make_example(seed, **task) for seed in TEST_SEEDS[:count]], order)  # type: ignore[arg-type]
+
+
+def example_items(enc: Encoder, examples: list[Example], order: str = "video_first") -> list[Item]:
+    """Task examples as items, the question after the video or before it (`order`,
+    `tokenizer.ORDERS`)."""
     per_frame = enc.config.tokens_per_frame
-    examples = [make_example(seed, **task) for seed in TEST_SEEDS[:count]]  # type: ignore[arg-type]
     return [_item(enc, e, per_frame, known=True, order=order) for e in examples]
 
 

@@ -35,7 +35,7 @@ from ..adapter.stage_metadata import attention_backend_problem, install_layer_me
 from ..config import ReductionConfig, from_additional_config
 from ..log import ReasonRateLimit, local_first_rank
 from ..metrics import ReductionMetrics
-from ..plan import DevicePlan, PromptTokens, StepPlan, plan_step
+from ..plan import DevicePlan, PromptMarkers, StepPlan, plan_step
 from ..schedule import SCORING_KINDS, Schedule, boundary_blocks, build_schedule
 from ..selection import Kept, compact, top_k
 from ..state import ReductionState, RunnerBatch
@@ -49,20 +49,19 @@ logger = init_logger(__name__)
 class ReducibleNemotronHModel(NemotronHModel):
     """Eager NemotronH stack with reduction boundaries (see module docstring)."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", prompt_tokens: PromptTokens) -> None:
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", prompt_markers: PromptMarkers) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_types=SCORED_LAYER_TYPES)
         self.vllm_config = vllm_config
-        self.prompt_tokens = prompt_tokens
+        self.prompt_markers = prompt_markers
         self.pattern = self.config.hybrid_override_pattern
         global_config = from_additional_config(vllm_config.additional_config)  # checked at start-up
         self.boundaries = boundary_blocks(self.pattern, global_config)  # engine-wide
-        self.timing = global_config.timing
-        self.record_kept = global_config.record_kept
-        # scoring and selection choices: engine-wide, never per request (config.PER_REQUEST_FIELDS)
+        # timing, record_kept, and scoring and selection choices: engine-wide, never per
+        # request (config.PER_REQUEST_FIELDS)
         self.engine_config = global_config
         self.state = ReductionState()
         self.metrics = ReductionMetrics.for_engine(vllm_config, len(self.boundaries) + 1)
-        self._unreduced_lines = ReasonRateLimit()
+        self._log_limit = ReasonRateLimit()
         self.batch = RunnerBatch()  # set by the runner glue before each forward
         self.attention_groups: tuple[md.StageBuilders, ...] | None = None  # bound by the runner glue
         self._schedules: dict[str, Schedule] = {}  # by config; a schedule is a bisection
@@ -76,11 +75,11 @@ class ReducibleNemotronHModel(NemotronHModel):
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         if not self.batch.requests:  # dummy / profile runs
             return NemotronHModel.forward(self, input_ids, positions, intermediate_tensors, inputs_embeds)
-        timer = PhaseTimer(self.timing, positions.device)
+        timer = PhaseTimer(self.engine_config.timing, positions.device)
         start = timer.clock()
         with timer.phase("plan"):
             plan = plan_step(
-                self.batch.requests, self.state.dropped, self.prompt_tokens, self._schedule, len(self.boundaries) + 1
+                self.batch.requests, self.state.dropped, self.prompt_markers, self._schedule, len(self.boundaries) + 1
             )
             self._record_plan(plan)
         if not plan.active:
@@ -89,7 +88,7 @@ class ReducibleNemotronHModel(NemotronHModel):
             with md.forward_context_kept():
                 out = self._reduced_forward(plan, timer, input_ids, positions, inputs_embeds)
         self.metrics.record_work(timer.seconds)
-        if self.timing:
+        if self.engine_config.timing:
             self.state.timings.append(
                 timer.record(start, bool(plan.reducing), len(plan.scheduled), int(plan.scheduled.sum()))
             )
@@ -101,10 +100,10 @@ class ReducibleNemotronHModel(NemotronHModel):
             self.state.record(req_id, dropped)
         self.metrics.record_plan(plan)
         for skip in plan.skipped:
-            self.state.count_skip(skip.kind)
+            self.state.skipped[skip.kind] += 1
             self._log_rate_limited(skip.kind, "request %s served unreduced: %s", skip.req_id, skip.reason)
         for request in plan.reducing:
-            self.state.count_query(request.query)
+            self.state.queries[request.query] += 1
             if request.query == "template_tail":
                 self._log_rate_limited(
                     request.query,
@@ -116,7 +115,7 @@ class ReducibleNemotronHModel(NemotronHModel):
 
     def _log_rate_limited(self, key: str, message: str, *args: object) -> None:
         """One line per `key` at most every minute (log.ReasonRateLimit), on the local first rank."""
-        held = self._unreduced_lines.passes(key) if local_first_rank() else None
+        held = self._log_limit.passes(key) if local_first_rank() else None
         if held is not None:
             more = f" ({held} more like it since the last line)" if held else ""
             logger.info(message + "%s", *args, more)
@@ -168,7 +167,7 @@ class ReducibleNemotronHModel(NemotronHModel):
             history.append(kept.positions)
             self._install(stages[stage])
         hidden, _ = self.norm_f(hidden, residual)
-        if self.record_kept and plan.reducing:
+        if self.engine_config.record_kept and plan.reducing:
             self._record_kept(plan, history)
         # 5. back to the runner's layout, which the sampler indexes (dropped rows: zeros)
         if hidden.shape[0] == num_tokens:
@@ -299,6 +298,6 @@ class ReducibleNemotronHModel(NemotronHModel):
 class ReducibleNemotronHForCausalLM(NemotronHForCausalLM):
     """vLLM's NemotronHForCausalLM built around `ReducibleNemotronHModel`."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", prompt_tokens: PromptTokens) -> None:
-        with nemotron_h_stack(partial(ReducibleNemotronHModel, prompt_tokens=prompt_tokens)):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", prompt_markers: PromptMarkers) -> None:
+        with nemotron_h_stack(partial(ReducibleNemotronHModel, prompt_markers=prompt_markers)):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
