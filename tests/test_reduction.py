@@ -271,7 +271,7 @@ def _skipped_running_request(worker) -> dict:
     other = RequestInfo("other", 4, model.request_config(None), 4, 1, [1, 2, 3, 4])  # a text request decoding
 
     def step(live: set[str]) -> dict:
-        model.set_batch(RunnerBatch((other,), (), frozenset(live)))
+        model.set_batch(RunnerBatch((other,), live=frozenset(live)))
         stages = len(stack.boundaries) + 1
         plan = plan_step(stack.batch.requests, stack.state.dropped, stack.prompt_markers, stack._schedule, stages)
         stack._record_plan(plan)

@@ -35,12 +35,16 @@ def register() -> None:
     from .adapter.cli import install_plugin_flag
     from .adapter.config_hook import SERVING_ENV, install_config_hook, register_hf_config, register_source_model_type
     from .model.hf_config import NemotronNanoVLConfig, NemotronNanoVLSourceConfig
+    from .model.tokens import prompt_markers
 
     log.route_to_vllm()
     register_hf_config(ARCHITECTURE, NemotronNanoVLConfig)
-    install_config_hook(ARCHITECTURE, NemotronNanoVLSourceConfig)
+    install_config_hook(ARCHITECTURE, NemotronNanoVLSourceConfig, prompt_markers)
     if os.environ.get(SERVING_ENV):  # started by a process that configured the plugin's model
+        from .adapter.kv_stages import serve_stages
+
         register_source_model_type(NemotronNanoVLSourceConfig)
+        serve_stages(prompt_markers)
     install_plugin_flag()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "vllm_stateful_reduce.model.nano_vl:NemotronNanoVLStatefulReduce")

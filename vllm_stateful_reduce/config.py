@@ -124,6 +124,13 @@ class ReductionConfig(BaseModel):
     reason `question_before_media`; on: reduced, counted with `query="template_tail"`."""
     min_keep: int = Field(16, ge=1, description="never keep fewer visual tokens per request")
     """Never keep fewer visual tokens than this per request (or all, if fewer)."""
+    free_dropped_kv: bool = Field(
+        True,
+        description="give each stage's attention layers KV-cache blocks only for the tokens they keep, so more "
+        "long-video requests fit in the KV cache at once; false: blocks for the whole prompt in every layer",
+    )
+    """Each stage's attention layers get their own KV-cache group, sized by the scheduler
+    for the rows the stage keeps (adapter/kv_stages.py). Global; V1 model runner only."""
     record_kept: bool = Field(
         False,
         description="keep the prompt positions of the visual tokens each stage kept, for the latest reduced "

@@ -13,8 +13,12 @@ Named as vLLM names its own (prefix `vllm:`, counters exported with `_total`, la
     vllm:stateful_reduce_requests_unreduced_total       video prefills served unreduced, by `reason`: disabled,
         {reason}                                        question_before_media, no_text_after_video, infeasible, ...
     vllm:stateful_reduce_work_seconds_total{phase}      time in reduction work per phase (see timing.py)
+    vllm:stateful_reduce_kv_blocks_not_allocated_total  KV blocks the scheduler did not allocate to reduced
+                                                        prefills (stages' groups, at admission; vLLM's own
+                                                        vllm:kv_cache_usage_perc shows what is held)
 
-A prefill counts once per time it runs (a preempted request that recomputes its prompt
+The KV-block counter is counted by the scheduler (the engine core process), the others by
+the worker. A prefill counts once per time it runs (a preempted request that recomputes its prompt
 counts again); text-only requests are not counted.
 
 How the figures reach `/metrics`: vLLM 0.32 hands the front end's stat loggers only the
@@ -30,7 +34,7 @@ of each engine counts (every rank plans the same step).
 """
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import Counter
 from vllm.logger import init_logger
@@ -75,8 +79,23 @@ def counters() -> dict[str, Counter]:
                 "Time spent in token-reduction work, by phase.",
                 (*LABELS, "phase"),
             ),
+            kv_blocks=Counter(
+                "vllm:stateful_reduce_kv_blocks_not_allocated",
+                "KV-cache blocks not allocated to reduced prefills' attention stages, at admission.",
+                LABELS,
+            ),
         )
     return _counters
+
+
+def engine_labels(vllm_config) -> tuple[str, str]:
+    """(model_name, engine) of this engine's figures."""
+    return str(vllm_config.model_config.served_model_name), str(vllm_config.parallel_config.data_parallel_index)
+
+
+def kv_blocks_counter(vllm_config) -> Callable[[int], None]:
+    """Counts KV blocks not allocated thanks to reduction (the scheduler, one per engine)."""
+    return counters()["kv_blocks"].labels(*engine_labels(vllm_config)).inc
 
 
 class ReductionMetrics:
@@ -104,8 +123,7 @@ class ReductionMetrics:
                 "starting vLLM (Prometheus multiprocess mode)",
                 scope="local",
             )
-        engine = str(vllm_config.parallel_config.data_parallel_index)
-        return cls(str(vllm_config.model_config.served_model_name), engine, num_stages, active)
+        return cls(*engine_labels(vllm_config), num_stages, active)
 
     def record_plan(self, plan: StepPlan) -> None:
         """The prefills with media of one step: reduced, or unreduced and why (an image-only

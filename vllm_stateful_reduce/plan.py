@@ -54,6 +54,11 @@ class Reducing:
     keep: tuple[int, ...]  # visual tokens in each stage; keep[0] = all that enter the LLM
     config: ReductionConfig
 
+    @property
+    def dropped(self) -> tuple[int, ...]:
+        """Visual tokens dropped by each stage, counted from the prompt's (stage 0: none)."""
+        return tuple(len(self.visual) - k for k in self.keep)
+
 
 @dataclass(frozen=True)
 class Skip:
@@ -222,13 +227,13 @@ def plan_step(
             carried = list(dropped.get(info.req_id, ()))[:num_stages]
             num_computed[:, i] -= np.array(carried + [0] * (num_stages - len(carried)), dtype=np.int64)
             continue
-        request = _plan_prefill(i, info, markers, schedule_for)
+        request = plan_prefill(i, info, markers, schedule_for)
         if isinstance(request, Skip):
             if request.reason != "no_media":
                 (disabled if request.reason == "disabled" else skipped).append(request)
             fresh_dropped[info.req_id] = []
             continue
-        fresh_dropped[info.req_id] = [len(request.visual) - k for k in request.keep]
+        fresh_dropped[info.req_id] = list(request.dropped)
         rows[:, i] += np.array(request.keep) - len(request.visual)
         reducing.append(request)
     return StepPlan(
@@ -236,10 +241,12 @@ def plan_step(
     )
 
 
-def _plan_prefill(
+def plan_prefill(
     index: int, info: RequestInfo, markers: PromptMarkers, schedule_for: Callable[[ReductionConfig], Schedule]
 ) -> Reducing | Skip:
-    """A fresh prefill: its reduction, or why it is served unreduced."""
+    """A fresh prefill: its reduction, or why it is served unreduced. The worker plans
+    every step with it; the scheduler predicts a request's KV rows with it
+    (`prefill_drops`), so the two can never disagree on a prompt they both read."""
     config = info.config
     if info.prompt_token_ids is None or not info.media:
         return Skip(info.req_id, "no_media")
@@ -282,6 +289,15 @@ def _plan_prefill(
     num_output = info.num_scheduled - info.num_prompt_tokens
     query = "question" if asked_after else "template_tail"
     return Reducing(index, info.req_id, visual, num_query, query, num_output, (*keep,), config)
+
+
+def prefill_drops(
+    info: RequestInfo, markers: PromptMarkers, schedule_for: Callable[[ReductionConfig], Schedule]
+) -> tuple[int, ...]:
+    """Visual tokens a whole-prompt prefill of `info` drops in each stage (stage 0: none),
+    or () when it would be served unreduced."""
+    request = plan_prefill(0, info, markers, schedule_for)
+    return () if isinstance(request, Skip) else request.dropped
 
 
 def user_text_follows(tail: np.ndarray, markers: PromptMarkers) -> bool:

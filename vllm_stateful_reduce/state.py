@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .config import ReductionConfig
 
 
@@ -47,6 +49,8 @@ class RunnerBatch:
 
     requests: tuple[RequestInfo, ...] = ()  # batch order; empty for dummy / profile runs
     block_tables: tuple[Any, ...] = ()  # per KV-cache group, (R, blocks) on the device, manager blocks
+    # per KV-cache group, (R,) blocks each request holds (host); empty: the runner does not say
+    blocks_held: tuple[np.ndarray, ...] = ()
     # every request the runner still holds, scheduled in this step or not: a running request
     # the scheduler skips for a step keeps its dropped counts; they go when it leaves the
     # runner (finish, abort). A preempted one is recomputed as a fresh prefill, which

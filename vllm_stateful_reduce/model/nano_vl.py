@@ -37,13 +37,12 @@ from ..adapter.runner_glue import ReducingModel, install_runner_glue
 from ..config import ReductionConfig, from_additional_config
 from ..log import describe
 from ..media_fields import EVS_FIELD, float_values
-from ..plan import PromptMarkers
 from ..state import RunnerBatch
 from .evs import evs_video_embeddings
 from .hf_config import NemotronNanoVLConfig, NemotronNanoVLSourceConfig, radio_config_from
 from .processing import NanoVLDummyInputsBuilder, NanoVLMultiModalProcessor, NanoVLProcessingInfo, video_token_ids
 from .reduced_stack import ReducibleNemotronHForCausalLM
-from .tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SpecialTokens
+from .tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SpecialTokens, prompt_markers
 
 logger = init_logger(__name__)
 register_source_model_type(NemotronNanoVLSourceConfig)  # this process loads the plugin's model
@@ -120,7 +119,7 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
                 stale,
                 tokens.image_context,
             )
-        prompt_markers = PromptMarkers(tokens.image_context, tokens.turn_end, tokens.blank)
+        markers = prompt_markers(self.tokenizer)
         text_vllm_config = vllm_config.with_hf_config(config.text_config, architectures=["NemotronHForCausalLM"])
         language_prefix = maybe_prefix(prefix, "language_model")
         with (
@@ -128,7 +127,7 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
             set_current_vllm_config(text_vllm_config, prefix=language_prefix),
         ):
             self.language_model = ReducibleNemotronHForCausalLM(
-                vllm_config=text_vllm_config, prefix=language_prefix, prompt_markers=prompt_markers
+                vllm_config=text_vllm_config, prefix=language_prefix, prompt_markers=markers
             )
         dtype = vllm_config.model_config.dtype
         with tower_model_part(self, vllm_config, {"image", "video"}):

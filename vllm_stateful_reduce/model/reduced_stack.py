@@ -30,6 +30,7 @@ from vllm.model_executor.models.nemotron_h import (
 
 from .. import scoring
 from ..adapter import stage_metadata as md
+from ..adapter.kv_stages import declare_stage, frees_dropped_kv
 from ..adapter.mixer_taps import nemotron_h_stack
 from ..adapter.stage_metadata import attention_backend_problem, install_layer_metadata, stage_builders
 from ..config import ReductionConfig, from_additional_config
@@ -66,6 +67,8 @@ class ReducibleNemotronHModel(NemotronHModel):
         self.attention_groups: tuple[md.StageBuilders, ...] | None = None  # bound by the runner glue
         self._schedules: dict[str, Schedule] = {}  # by config; a schedule is a bisection
         self.stage_layers = self._layers_by_stage()
+        if frees_dropped_kv(vllm_config):
+            self._declare_kv_stages()
         for layer in self.layers:
             if isinstance(layer, NemotronHMambaDecoderLayer) and layer.mixer.n_groups % layer.mixer.tp_size:
                 raise ValueError("token reduction needs n_groups divisible by the tensor-parallel size")
@@ -82,6 +85,7 @@ class ReducibleNemotronHModel(NemotronHModel):
                 self.batch.requests, self.state.dropped, self.prompt_markers, self._schedule, len(self.boundaries) + 1
             )
             self._record_plan(plan)
+            self._check_kv_bounds(plan)
         if not plan.active:
             out = NemotronHModel.forward(self, input_ids, positions, intermediate_tensors, inputs_embeds)
         else:
@@ -112,6 +116,12 @@ class ReducibleNemotronHModel(NemotronHModel):
                     request.req_id,
                     request.num_query,
                 )
+
+    def _check_kv_bounds(self, plan: StepPlan) -> None:
+        if self.batch.blocks_held and self.attention_groups is not None:
+            problem = md.kv_bound_problem(plan, self.attention_groups, self.stage_layers, self.batch.blocks_held)
+            if problem is not None:
+                raise RuntimeError(f"stateful_reduce: {problem}")
 
     def _log_rate_limited(self, key: str, message: str, *args: object) -> None:
         """One line per `key` at most every minute (log.ReasonRateLimit), on the local first rank."""
@@ -195,6 +205,13 @@ class ReducibleNemotronHModel(NemotronHModel):
             elif isinstance(layer, NemotronHMambaDecoderLayer):
                 mamba[stage].append(layer.mixer.prefix)
         return tuple(md.StageLayers(frozenset(a), tuple(m)) for a, m in zip(attention, mamba, strict=True))
+
+    def _declare_kv_stages(self) -> None:
+        """Each attention layer declares its stage's KV-cache spec: vLLM then sizes every
+        stage's blocks on its own (adapter/kv_stages.py)."""
+        for block, layer in enumerate(self.layers):
+            if isinstance(layer, NemotronHAttentionDecoderLayer):
+                declare_stage(layer.mixer.attn, sum(boundary < block for boundary in self.boundaries))
 
     def _schedule(self, config: ReductionConfig) -> Schedule:
         key = config.model_dump_json()

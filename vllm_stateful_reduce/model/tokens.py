@@ -10,6 +10,8 @@ start-up, never a silently unreduced request.
 from dataclasses import dataclass
 from typing import Any
 
+from ..plan import PromptMarkers
+
 # whitespace a chat template or a client puts between media and the end of a turn
 WHITESPACE = ("\n", "\n\n", " ", " \n", "\n ", "\t", "\r\n")
 
@@ -51,3 +53,9 @@ class SpecialTokens:
         turn_end = frozenset(tokenizer.all_special_ids) - {context, video, *start, *end}
         blank = frozenset(t for text in WHITESPACE for t in ids(text) if not tokenizer.decode([t]).strip())
         return cls(context, start, end, video, turn_end, blank)
+
+
+def prompt_markers(tokenizer: Any) -> PromptMarkers:
+    """What the reduction planner reads a prompt by, from the checkpoint's tokenizer."""
+    tokens = SpecialTokens.from_tokenizer(tokenizer)
+    return PromptMarkers(tokens.image_context, tokens.turn_end, tokens.blank)
