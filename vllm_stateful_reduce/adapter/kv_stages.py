@@ -101,7 +101,9 @@ def register_stage_spec() -> None:
     """Register the spec with its manager, after vLLM's own specs: vLLM registers those
     lazily, on the first lookup, and not at all once anything else is registered."""
     KVCacheSpecRegistry._ensure_registered()
-    KVCacheSpecRegistry.register(StageFullAttentionSpec, StageAttentionManager, uniform_type_base_spec=FullAttentionSpec)
+    KVCacheSpecRegistry.register(
+        StageFullAttentionSpec, StageAttentionManager, uniform_type_base_spec=FullAttentionSpec
+    )
 
 
 # ------------------------------------------------------------------ scheduler side
