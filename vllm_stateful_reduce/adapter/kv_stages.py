@@ -231,9 +231,9 @@ def drop_predictor(vllm_config: "VllmConfig") -> DropPredictor | None:
     return DropPredictor(vllm_config, _markers_of(cached_tokenizer_from_config(vllm_config.model_config)))
 
 
-class StageScheduling:
-    """What the plugin adds to vLLM's scheduler: a `DropBook` its stage managers read,
-    filled when a request arrives, emptied when its blocks go."""
+class StageScheduler(Scheduler):
+    """vLLM's scheduler with a `DropBook` its stage managers read, filled when a request
+    arrives, emptied when its blocks go."""
 
     kv_drops: DropBook
 
@@ -265,12 +265,8 @@ class StageScheduling:
         self.kv_drops.forget(request.request_id)
 
 
-class StageScheduler(StageScheduling, Scheduler):
-    pass
-
-
-class StageAsyncScheduler(StageScheduling, AsyncScheduler):
-    pass
+class StageAsyncScheduler(StageScheduler, AsyncScheduler):
+    """The same, over vLLM's async scheduler (method order: ours, then AsyncScheduler's)."""
 
 
 def stage_scheduler(*, vllm_config: "VllmConfig", **kwargs) -> Scheduler:
