@@ -192,11 +192,25 @@ class DropPredictor:
     """A request's per-stage drops as the worker will plan them, from what the engine
     core holds (`plan.prefill_drops`, on a `RequestInfo` made from vLLM's `Request`)."""
 
-    def __init__(self, vllm_config: "VllmConfig", markers: PromptMarkers) -> None:
+    def __init__(self, config: ReductionConfig, pattern: str, markers: PromptMarkers) -> None:
+        self.config = config  # the engine's (`--additional-config`)
+        self.pattern = pattern
         self.markers = markers
-        self.config = from_additional_config(vllm_config.additional_config)
-        self.pattern = vllm_config.model_config.hf_config.text_config.hybrid_override_pattern
         self._schedules: dict[str, Schedule] = {}
+
+    @classmethod
+    def for_engine(cls, vllm_config: "VllmConfig") -> "DropPredictor | None":
+        """The engine's predictor; None where no tokenizer tells the prompt's markers."""
+        if _markers_of is None or vllm_config.model_config.skip_tokenizer_init:
+            logger.warning(
+                "stateful_reduce: no tokenizer in the scheduler; every request gets KV blocks for all its tokens"
+            )
+            return None
+        from vllm.tokenizers import cached_tokenizer_from_config
+
+        config = from_additional_config(vllm_config.additional_config)
+        pattern = vllm_config.model_config.hf_config.text_config.hybrid_override_pattern
+        return cls(config, pattern, _markers_of(cached_tokenizer_from_config(vllm_config.model_config)))
 
     def __call__(self, request: "Request") -> tuple[int, ...]:
         info = self.request_info(request)
@@ -220,17 +234,6 @@ class DropPredictor:
         return self._schedules[key]
 
 
-def drop_predictor(vllm_config: "VllmConfig") -> DropPredictor | None:
-    if _markers_of is None or vllm_config.model_config.skip_tokenizer_init:
-        logger.warning(
-            "stateful_reduce: no tokenizer in the scheduler; every request gets KV blocks for all its tokens"
-        )
-        return None
-    from vllm.tokenizers import cached_tokenizer_from_config
-
-    return DropPredictor(vllm_config, _markers_of(cached_tokenizer_from_config(vllm_config.model_config)))
-
-
 class StageScheduler(Scheduler):
     """vLLM's scheduler with a `DropBook` its stage managers read, filled when a request
     arrives, emptied when its blocks go."""
@@ -247,7 +250,7 @@ class StageScheduler(Scheduler):
         ]
         for manager in managers:
             manager.book = self.kv_drops
-        self.predict_drops = drop_predictor(self.vllm_config) if managers else None
+        self.predict_drops = DropPredictor.for_engine(self.vllm_config) if managers else None
 
     def add_request(self, request: "Request") -> None:
         if self.predict_drops is not None and request.request_id not in self.requests:  # not a session's next chunk
