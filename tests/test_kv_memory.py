@@ -98,7 +98,10 @@ def model_of(llm):
 
 def outputs(results) -> list[tuple[list[int], list[float]]]:
     return [
-        (list(r.outputs[0].token_ids), [lp[t].logprob for lp, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids)])
+        (
+            list(r.outputs[0].token_ids),
+            [lp[t].logprob for lp, t in zip(r.outputs[0].logprobs, r.outputs[0].token_ids, strict=True)],
+        )
         for r in results
     ]
 
