@@ -5,7 +5,8 @@ turned off, an infeasible budget, a budget with nothing to drop, the question be
 video - unreduced by default, reduced when asked - and text only); the figures
 read back from `/metrics` must equal what the schedule says for them. The oracle: the
 prompt's visual tokens counted in the token ids the server's own `/tokenize` returns for
-the same messages, and the schedule's keep counts for each request's settings.
+the same messages, and the schedule's keep counts for each request's settings; KV
+blocks not allocated follow from those, the prompt's length and vLLM's block size.
 """
 
 import time
@@ -25,6 +26,7 @@ from .server_requests import server_client, server_with_metrics, visual_tokens
 pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 PREFIX = "vllm:stateful_reduce_"
+FRAMES = 32  # the video loader samples up to 32: a reduced prompt then needs fewer 128-token KV blocks
 QUESTION = "What happens in this video?"
 # (per-request options, question first?) -> why it is served unreduced, or (None) what scored its reduction
 REQUESTS = {
@@ -40,7 +42,7 @@ REQUESTS = {
 
 @pytest.fixture(scope="module")
 def video_url(tmp_path_factory) -> str:
-    path = write_video(random_video(20, seed=7), tmp_path_factory.mktemp("media") / "clip.mp4", fps=2.0)
+    path = write_video(random_video(FRAMES, seed=7), tmp_path_factory.mktemp("media") / "clip.mp4", fps=2.0)
     return video_data_url(path)
 
 
@@ -71,6 +73,16 @@ def plugin_figures(server: str) -> dict[tuple, float]:
     return figures
 
 
+def cache_block_size(server: str) -> int:
+    """The KV-cache manager's attention block size, from vLLM's `cache_config_info`."""
+    text = requests.get(server + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("vllm:cache_config_info"):
+                return int(sample.labels["block_size"])
+    raise AssertionError("no vllm:cache_config_info on /metrics")
+
+
 def messages(video_url: str | None, question_first: bool = False) -> list[dict]:
     content = [{"type": "text", "text": QUESTION}]
     if video_url is not None:
@@ -82,7 +94,7 @@ def test_figures_match_the_requests(client, server, video_url) -> None:
     model = client.models.list().data[0].id
     pattern = CheckpointSpec().pattern
     num_visual = visual_tokens(server, model, video_url)
-    assert num_visual >= 20 * 4  # 20 frames of (64/16)^2 / 4 tokens each, unless the loader samples more
+    assert num_visual >= FRAMES * 4  # frames of (64/16)^2 / 4 tokens each, unless the loader samples more
     num_stages = len(build_schedule(pattern, parse({})).boundaries) + 1
 
     expected: dict[tuple, float] = {}
@@ -91,22 +103,18 @@ def test_figures_match_the_requests(client, server, video_url) -> None:
         key = (PREFIX + name + "_total", tuple(sorted(labels.items())))
         expected[key] = expected.get(key, 0.0) + value
 
-    for options, _, reason, query in REQUESTS.values():
-        add("visual_tokens", num_visual)
-        if reason is None:
-            config = parse(options)
-            keep = build_schedule(pattern, config).keep_counts(num_visual, config.min_keep)
-            assert keep[0] == num_visual > keep[-1]  # something is dropped
-            add("requests_reduced", 1, query=query)
-        else:
-            keep = [num_visual] * num_stages
-            add("requests_unreduced", 1, reason=reason)
-        for stage, k in enumerate(keep):
-            add("visual_tokens_kept", k, stage=str(stage))
+    def not_allocated(prompt_tokens: int, keep: list[int], boundaries: list[int]) -> int:
+        """KV blocks a reduced prefill does not get: per attention layer's stage (its own
+        KV-cache group), blocks for the whole prompt minus blocks for the rows it keeps."""
+        stages = [sum(b < block for b in boundaries) for block, kind in enumerate(pattern) if kind == "*"]
+        whole = -(-prompt_tokens // block_size)
+        return sum(whole - -(-(prompt_tokens - (num_visual - keep[j])) // block_size) for j in stages)
 
+    block_size = cache_block_size(server)
+    prompt_tokens = {}
     before = plugin_figures(server)
     start = time.monotonic()
-    for options, question_first, _, _ in REQUESTS.values():
+    for name, (options, question_first, _, _) in REQUESTS.items():
         out = client.chat.completions.create(
             model=model,
             max_tokens=3,
@@ -115,11 +123,30 @@ def test_figures_match_the_requests(client, server, video_url) -> None:
             extra_body={"mm_processor_kwargs": {"stateful_reduce": options}},
         )
         assert out.choices[0].finish_reason
+        prompt_tokens[name] = out.usage.prompt_tokens
     text_only = client.chat.completions.create(model=model, max_tokens=3, messages=messages(None))
     assert text_only.choices[0].finish_reason
     elapsed = time.monotonic() - start
     after = plugin_figures(server)
 
+    for name, (options, _, reason, query) in REQUESTS.items():
+        add("visual_tokens", num_visual)
+        if reason is None:
+            config = parse(options)
+            schedule = build_schedule(pattern, config)
+            keep = schedule.keep_counts(num_visual, config.min_keep)
+            assert keep[0] == num_visual > keep[-1]  # something is dropped
+            add("requests_reduced", 1, query=query)
+            blocks = not_allocated(prompt_tokens[name], keep, schedule.boundaries)
+            if blocks:
+                add("kv_blocks_not_allocated", blocks)
+        else:
+            keep = [num_visual] * num_stages
+            add("requests_unreduced", 1, reason=reason)
+        for stage, k in enumerate(keep):
+            add("visual_tokens_kept", k, stage=str(stage))
+
+    assert expected[(PREFIX + "kv_blocks_not_allocated_total", ())] > 0  # the path under test
     assert after["labels"] == {(model, "0")}, after["labels"]
     # multiprocess mode keeps vLLM's own figures (made in the API server) on /metrics
     assert "vllm:prompt_tokens_total{" in requests.get(server + "/metrics", timeout=10).text

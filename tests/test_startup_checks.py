@@ -35,6 +35,23 @@ def test_refuses_settings_that_split_or_compile_a_prompt(checkpoint, overrides, 
         make_config(checkpoint, **overrides)
 
 
+def test_refuses_what_freeing_dropped_kv_cannot_serve(checkpoint) -> None:
+    """KV connectors would move blocks whose rows the connector does not know are
+    compacted; a user's scheduler class would lose the plugin's block sizing."""
+    connector = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both"}
+    with pytest.raises(ValueError, match="--kv-transfer-config"):
+        make_config(checkpoint, kv_transfer_config=connector)
+    with pytest.raises(ValueError, match="--scheduler-cls"):
+        make_config(checkpoint, scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler")
+    config = make_config(
+        checkpoint,
+        scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler",
+        additional_config={"stateful_reduce": {"free_dropped_kv": False}},
+    )
+    assert config.scheduler_config.scheduler_cls == "vllm.v1.core.sched.scheduler.Scheduler"
+    assert make_config(checkpoint).scheduler_config.scheduler_cls.endswith("kv_stages.stage_scheduler")
+
+
 @pytest.mark.parametrize(
     "reduction,field",
     [
