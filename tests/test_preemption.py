@@ -23,7 +23,9 @@ def llm(checkpoint):
             checkpoint,
             max_model_len=1024,
             max_num_batched_tokens=1024,
-            num_gpu_blocks_override=16,  # 2048 token slots for four ~450-token requests
+            # the smallest pool vLLM accepts at 1024 tokens (the null block, 5 Mamba groups, 3 stage groups x 8
+            # blocks of 128): about one of the four ~450-token requests at its full length
+            num_gpu_blocks_override=30,
             disable_log_stats=False,
             additional_config={"stateful_reduce": {"min_keep": 4, "record_kept": True}},
         )
