@@ -30,7 +30,9 @@ from .server_requests import (
 pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
 MAX_TOKENS = 160
-NUM_BLOCKS = 30  # the smallest pool vLLM accepts at 1024 tokens: the null block, 5 Mamba groups, 3 stage groups x 8 blocks of 128
+# the smallest pool vLLM accepts at 1024 tokens: the null block, 5 Mamba groups, 3 stage
+# groups x 8 blocks of 128
+NUM_BLOCKS = 30
 LOGPROB_TOLERANCE = 1e-5  # as in test_server_load: batch composition may move the last bits
 PREEMPTIONS = "vllm:num_preemptions_total"
 

@@ -286,7 +286,14 @@ def frees_dropped_kv(vllm_config: "VllmConfig") -> bool:
     """Whether stages hold KV blocks only for their rows (the scheduler and the model
     ask this one function, so both sides agree). Not under Model Runner V2: its model
     state is not handed the block counts the worker checks each step."""
-    return from_additional_config(vllm_config.additional_config).free_dropped_kv and not vllm_config.use_v2_model_runner
+    asked = from_additional_config(vllm_config.additional_config).free_dropped_kv
+    if asked and vllm_config.use_v2_model_runner:
+        logger.info(
+            "stateful_reduce: Model Runner V2 gives every layer KV blocks for every token; VLLM_USE_V2_MODEL_RUNNER=0 "
+            "(the V1 runner) frees the blocks of dropped tokens"
+        )
+        return False
+    return asked
 
 
 def install_stage_scheduler(vllm_config: "VllmConfig") -> None:
