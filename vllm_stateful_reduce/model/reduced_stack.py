@@ -199,7 +199,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         attention: list[set[str]] = [set() for _ in range(len(self.boundaries) + 1)]
         mamba: list[list[str]] = [[] for _ in range(len(self.boundaries) + 1)]
         for block, layer in enumerate(self.layers):
-            stage = sum(boundary < block for boundary in self.boundaries)
+            stage = self._stage_of(block)
             if isinstance(layer, NemotronHAttentionDecoderLayer):
                 attention[stage].add(layer.mixer.attn.layer_name)
             elif isinstance(layer, NemotronHMambaDecoderLayer):
@@ -211,7 +211,10 @@ class ReducibleNemotronHModel(NemotronHModel):
         stage's blocks on its own (adapter/kv_stages.py)."""
         for block, layer in enumerate(self.layers):
             if isinstance(layer, NemotronHAttentionDecoderLayer):
-                declare_stage(layer.mixer.attn, sum(boundary < block for boundary in self.boundaries))
+                declare_stage(layer.mixer.attn, self._stage_of(block))
+
+    def _stage_of(self, block: int) -> int:
+        return sum(boundary < block for boundary in self.boundaries)
 
     def _schedule(self, config: ReductionConfig) -> Schedule:
         key = config.model_dump_json()
