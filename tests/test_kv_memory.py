@@ -223,6 +223,38 @@ def test_scheduler_predicts_exactly_what_the_worker_drops(freeing) -> None:
     assert any(any(p) for p in recorder.predicted.values())
 
 
+def test_kv_cache_usage_counts_only_the_kept_rows(freeing) -> None:
+    """vLLM's own `vllm:kv_cache_usage_perc` (the scheduler's stats) after one reduced
+    prefill: one block per Mamba group, and per stage group the blocks of the rows the
+    stage keeps, out of the pool's usable blocks."""
+    llm, _ = freeing
+    engine, sched = llm.llm_engine, scheduler_of(llm)
+    engine.add_request("usage", video_request(30, 48), SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.step()  # the prefill
+    (request,) = sched.running
+    drops = sched.kv_drops.predicted[request.request_id]
+    config = sched.kv_cache_manager.kv_cache_config
+    held = 0
+    for group in config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        if isinstance(spec, StageFullAttentionSpec):
+            held += -(-(request.num_prompt_tokens - drops[spec.stage]) // spec.block_size)
+        else:
+            held += 1  # a Mamba group's state
+    whole = sum(
+        -(-request.num_prompt_tokens // g.kv_cache_spec.block_size)
+        if isinstance(g.kv_cache_spec, StageFullAttentionSpec)
+        else 1
+        for g in config.kv_cache_groups
+    )
+    usage = sched.make_stats().kv_cache_usage
+    print(f"{held} blocks held of {whole} without reduction; usage {usage:.4f}")
+    assert held < whole and usage == pytest.approx(held / (config.num_blocks - 1))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_pool_whole(llm)
+
+
 def test_aborts_at_every_point_return_every_block(freeing) -> None:
     """Abort requests waiting, right after their prefill, and mid-decode; the rest
     finish as they do alone; the pool is whole again."""
