@@ -217,10 +217,10 @@ def attention_stages(pattern: str) -> dict[int, int]:
     """Attention block index -> its reduction stage (boundaries before it), as the
     plugin's model declares them (reduced_stack._declare_kv_stages)."""
     from vllm_stateful_reduce.config import ReductionConfig
-    from vllm_stateful_reduce.schedule import boundary_blocks
+    from vllm_stateful_reduce.schedule import boundary_blocks, stage_of
 
     boundaries = boundary_blocks(pattern, ReductionConfig())
-    return {b: sum(x < b for x in boundaries) for b, kind in enumerate(pattern) if kind == "*"}
+    return {b: stage_of(b, boundaries) for b, kind in enumerate(pattern) if kind == "*"}
 
 
 def layer_specs(geo: Geometry, stage_specs: bool, block: dict, max_model_len: int) -> dict:

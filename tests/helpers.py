@@ -21,6 +21,8 @@ __all__ = [
     "shutdown",
     "video_metadata",
     "video_part",
+    "video_prompt",
+    "preemptions",
 ]
 
 MAX_MODEL_LEN = 4096
@@ -74,3 +76,25 @@ def ask(client, part: dict, question: str = "What is shown?"):
         temperature=0.0,
         messages=[{"role": "user", "content": [part, {"type": "text", "text": question}]}],
     )
+
+
+def video_prompt(
+    video: np.ndarray | None,
+    question: str = "Which frame shows the red square?",
+    options: dict | None = None,
+    order: str = "video_first",
+) -> dict:
+    """An offline prompt asking `question` about `video` (None: text only), with
+    per-request reduction `options`."""
+    if video is None:
+        return {"prompt": chat_prompt(question, with_video=False)}
+    prompt = chat_prompt(question, order=order)
+    out = {"prompt": prompt, "multi_modal_data": {"video": (video, video_metadata(len(video)))}}
+    if options is not None:
+        out["mm_processor_kwargs"] = {"stateful_reduce": options}
+    return out
+
+
+def preemptions(llm) -> int:
+    """vLLM's preemption count of an offline engine (needs disable_log_stats=False)."""
+    return int(sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"))

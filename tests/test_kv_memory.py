@@ -19,7 +19,7 @@ from vllm import LLM, SamplingParams
 
 from vllm_stateful_reduce.adapter.kv_stages import StageFullAttentionSpec
 
-from .helpers import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+from .helpers import chat_prompt, engine_kwargs, preemptions, random_video, shutdown, video_metadata, video_prompt
 
 pytestmark = pytest.mark.engine  # starts a vLLM engine
 
@@ -42,14 +42,7 @@ LOGPROB_TOLERANCE = 1e-5  # float32; batches differ under preemption (seen: 4.8e
 
 
 def video_request(seed: int, frames: int, options: dict | None = None, order: str = "video_first") -> dict:
-    video = random_video(frames, seed=seed)
-    out = {
-        "prompt": chat_prompt("Which frame shows the red square?", order=order),
-        "multi_modal_data": {"video": (video, video_metadata(frames))},
-    }
-    if options is not None:
-        out["mm_processor_kwargs"] = {"stateful_reduce": options}
-    return out
+    return video_prompt(random_video(frames, seed=seed), options=options, order=order)
 
 
 def two_videos(seed: int) -> dict:
@@ -171,10 +164,6 @@ def freeing(checkpoint, today, in_process):
     recorder = Recorder(llm)
     yield llm, recorder
     shutdown(llm)
-
-
-def preemptions(llm) -> int:
-    return int(sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"))
 
 
 def test_stages_get_their_own_kv_cache_groups(freeing) -> None:

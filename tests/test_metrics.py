@@ -16,7 +16,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_stateful_reduce.config import parse
-from vllm_stateful_reduce.schedule import build_schedule
+from vllm_stateful_reduce.schedule import build_schedule, stage_of
 from vllm_stateful_reduce.testing.checkpoint import CheckpointSpec
 from vllm_stateful_reduce.testing.video_files import video_data_url, write_video
 
@@ -106,7 +106,7 @@ def test_figures_match_the_requests(client, server, video_url) -> None:
     def not_allocated(prompt_tokens: int, keep: list[int], boundaries: list[int]) -> int:
         """KV blocks a reduced prefill does not get: per attention layer's stage (its own
         KV-cache group), blocks for the whole prompt minus blocks for the rows it keeps."""
-        stages = [sum(b < block for b in boundaries) for block, kind in enumerate(pattern) if kind == "*"]
+        stages = [stage_of(block, boundaries) for block, kind in enumerate(pattern) if kind == "*"]
         whole = -(-prompt_tokens // block_size)
         return sum(whole - -(-(prompt_tokens - (num_visual - keep[j])) // block_size) for j in stages)
 

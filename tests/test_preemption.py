@@ -9,7 +9,7 @@ the request served alone.
 import pytest
 from vllm import LLM, SamplingParams
 
-from .helpers import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+from .helpers import chat_prompt, engine_kwargs, preemptions, random_video, shutdown, video_metadata
 
 pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
@@ -32,10 +32,6 @@ def llm(checkpoint):
     )
     yield llm
     shutdown(llm)
-
-
-def preemptions(llm) -> int:
-    return int(sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"))
 
 
 def kept_by_request(llm) -> dict:

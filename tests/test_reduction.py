@@ -16,7 +16,7 @@ from vllm_stateful_reduce.model.hf_config import NemotronNanoVLConfig
 from vllm_stateful_reduce.model.processing import frames_to_pixel_values
 from vllm_stateful_reduce.schedule import build_schedule, stage_sizes
 
-from .helpers import chat_prompt, engine_kwargs, random_video, shutdown, video_metadata
+from .helpers import engine_kwargs, random_video, shutdown, video_metadata, video_prompt
 
 pytestmark = pytest.mark.engine  # starts a vLLM engine or server
 
@@ -34,21 +34,6 @@ def llm(checkpoint):
 @pytest.fixture(scope="module")
 def hf_config(checkpoint) -> NemotronNanoVLConfig:
     return NemotronNanoVLConfig.from_pretrained(checkpoint)
-
-
-def request(
-    video: np.ndarray | None,
-    question: str = "Which frame shows the red square?",
-    options: dict | None = None,
-    order: str = "video_first",
-):
-    if video is None:
-        return {"prompt": chat_prompt(question, with_video=False)}
-    prompt = chat_prompt(question, order=order)
-    out = {"prompt": prompt, "multi_modal_data": {"video": (video, video_metadata(len(video)))}}
-    if options is not None:
-        out["mm_processor_kwargs"] = {"stateful_reduce": options}
-    return out
 
 
 def engine_state(llm) -> dict:
@@ -81,11 +66,13 @@ def mixed_batch(llm):
     }
     outputs = {}
     for name in ("reduced", "unreduced", "text"):
-        engine.add_request(name, request(cases[name][0], options=cases[name][1]), params())
+        engine.add_request(name, video_prompt(cases[name][0], options=cases[name][1]), params())
     steps = 0
     while engine.has_unfinished_requests() or "joins_late" not in cases.get("_added", ()):
         if steps == 4:
-            engine.add_request("joins_late", request(cases["joins_late"][0], options=cases["joins_late"][1]), params())
+            engine.add_request(
+                "joins_late", video_prompt(cases["joins_late"][0], options=cases["joins_late"][1]), params()
+            )
             cases["_added"] = ("joins_late",)
         for out in engine.step():
             if out.finished:
@@ -144,7 +131,7 @@ def test_budget_is_the_depth_average_and_override_is_per_request(mixed_batch, hf
 def test_budget_one_is_identical_to_reduction_off(llm) -> None:
     video = random_video(16, seed=4)
     full, off = llm.generate(
-        [request(video, options={"budget": 1.0}), request(video, options={"enabled": False})], params()
+        [video_prompt(video, options={"budget": 1.0}), video_prompt(video, options={"enabled": False})], params()
     )
     assert full.outputs[0].token_ids == off.outputs[0].token_ids
     assert [{t: lp.logprob for t, lp in s.items()} for s in full.outputs[0].logprobs] == [
@@ -170,9 +157,9 @@ def test_question_before_the_video_is_unreduced_unless_asked(llm, reference, hf_
     video = random_video(16, seed=9)
     state = engine_state(llm)
     skipped, tails = state["skipped"].get("question_before_media", 0), state["queries"].get("template_tail", 0)
-    first = request(video, order="text_first")
-    off = request(video, options={"enabled": False}, order="text_first")
-    asked = request(video, options={"reduce_question_before_media": True}, order="text_first")
+    first = video_prompt(video, order="text_first")
+    off = video_prompt(video, options={"enabled": False}, order="text_first")
+    asked = video_prompt(video, options={"reduce_question_before_media": True}, order="text_first")
     a, b, c = llm.generate([first, off, asked], params())
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
     state = engine_state(llm)
@@ -190,29 +177,29 @@ def test_question_before_the_video_is_unreduced_unless_asked(llm, reference, hf_
 )
 def test_invalid_per_request_options_are_value_errors(llm, options, field) -> None:
     with pytest.raises(ValueError, match=field):
-        llm.generate([request(random_video(2), options=options)], params())
-    text_only = {**request(None), "mm_processor_kwargs": {"stateful_reduce": options}}
+        llm.generate([video_prompt(random_video(2), options=options)], params())
+    text_only = {**video_prompt(None), "mm_processor_kwargs": {"stateful_reduce": options}}
     with pytest.raises(ValueError, match=field):  # checked without media too
         llm.generate([text_only], params())
-    assert llm.generate([request(None)], SamplingParams(max_tokens=2))[0].outputs[0].token_ids  # still serving
+    assert llm.generate([video_prompt(None)], SamplingParams(max_tokens=2))[0].outputs[0].token_ids  # still serving
 
 
 def test_abort_leaves_no_state(llm) -> None:
     engine = llm.llm_engine
-    engine.add_request("to_abort", request(random_video(16, seed=6)), params())
+    engine.add_request("to_abort", video_prompt(random_video(16, seed=6)), params())
     for _ in range(3):  # prefill (reduced) + two decode steps
         engine.step()
     dropped = lambda: llm.collective_rpc(lambda w: set(w.model_runner.model.reduction_state.dropped))[0]  # noqa: E731
     assert any(k.startswith("to_abort") for k in dropped())
     engine.abort_request(["to_abort"])
-    out = llm.generate([request(None)], SamplingParams(max_tokens=2))  # a later step prunes it
+    out = llm.generate([video_prompt(None)], SamplingParams(max_tokens=2))  # a later step prunes it
     assert out[0].outputs[0].token_ids
     assert not any(k.startswith("to_abort") for k in dropped())
 
 
 def served_like_reference(llm, reference, hf_config, video: np.ndarray, options: dict):
     """Serve one video request; assert the reference's greedy tokens and kept positions."""
-    out = llm.generate([request(video, options=options)], params())[0]
+    out = llm.generate([video_prompt(video, options=options)], params())[0]
     ours = kept_of(engine_state(llm), out.request_id)
     pixels = [frames_to_pixel_values(video, hf_config.force_image_size, hf_config.norm_mean, hf_config.norm_std)]
     tokens, _, kept = reference.greedy(
@@ -231,8 +218,8 @@ def test_evs_before_the_llm_then_ours_matches_reference(llm, reference, hf_confi
     video = random_video(16, seed=7)
     video[8:12] = video[7]  # four static frames: EVS should drop their tokens first
     options = {"evs_rate": 0.5, "budget": 0.5}
-    out = llm.generate([request(video, options=options)], params())[0]
-    full = llm.generate([request(video, options={"enabled": False})], params())[0]
+    out = llm.generate([video_prompt(video, options=options)], params())[0]
+    full = llm.generate([video_prompt(video, options={"enabled": False})], params())[0]
     ours = kept_of(engine_state(llm), out.request_id)
     pixels = [frames_to_pixel_values(video, hf_config.force_image_size, hf_config.norm_mean, hf_config.norm_std)]
     tokens, _, kept = reference.greedy(

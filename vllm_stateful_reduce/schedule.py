@@ -27,6 +27,11 @@ def boundary_blocks(pattern: str, config: ReductionConfig) -> list[int]:
     return blocks
 
 
+def stage_of(block: int, boundaries: list[int]) -> int:
+    """The stage block `block` runs in: how many boundaries come before it."""
+    return sum(boundary < block for boundary in boundaries)
+
+
 def stage_sizes(num_blocks: int, boundaries: list[int]) -> list[int]:
     """Blocks per stage: stage 0 ends at boundaries[0] (inclusive), the last at n-1."""
     edges = [-1, *boundaries, num_blocks - 1]
@@ -50,6 +55,21 @@ class Schedule:
     def depth_average(self, counts: list[int], num_blocks: int) -> float:
         sizes = stage_sizes(num_blocks, self.boundaries)
         return sum(n * k for n, k in zip(sizes, counts, strict=True)) / num_blocks
+
+
+class Schedules:
+    """One block pattern's schedules by config, each built once (a schedule is a
+    bisection): what the worker plans steps with and the scheduler predicts drops with."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self._built: dict[str, Schedule] = {}
+
+    def __call__(self, config: ReductionConfig) -> Schedule:
+        key = config.model_dump_json()
+        if key not in self._built:
+            self._built[key] = build_schedule(self.pattern, config)
+        return self._built[key]
 
 
 def _sigmoid_ratios(sizes: list[int], l0: float, floor: float, temperature: float) -> list[float]:

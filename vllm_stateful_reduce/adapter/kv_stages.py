@@ -18,7 +18,7 @@ Predicting fewer drops than the worker makes only wastes blocks; more would let 
 write past the request's blocks. So the scheduler predicts none where it cannot read
 what the worker reads (options of media kept out of the engine core by the shm cache;
 no tokenizer), and the worker checks every step that each stage's rows fit the blocks
-it was given (`stage_metadata.check_kv_bounds`). An EVS video's prompt holds its
+it was given (`stage_metadata.kv_bound_problem`). An EVS video's prompt holds its
 retained count of visual rows in the engine core as in the worker (only their frames
 differ), so its drops are predicted exactly.
 """
@@ -37,7 +37,7 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from ..config import ReductionConfig, from_additional_config
 from ..plan import PromptMarkers, prefill_drops
-from ..schedule import Schedule, build_schedule
+from ..schedule import Schedules
 from ..state import MediaSpan, RequestInfo
 from .runner_glue import request_overrides
 
@@ -194,9 +194,8 @@ class DropPredictor:
 
     def __init__(self, config: ReductionConfig, pattern: str, markers: PromptMarkers) -> None:
         self.config = config  # the engine's (`--additional-config`)
-        self.pattern = pattern
         self.markers = markers
-        self._schedules: dict[str, Schedule] = {}
+        self._schedule = Schedules(pattern)
 
     @classmethod
     def for_engine(cls, vllm_config: "VllmConfig") -> "DropPredictor | None":
@@ -226,12 +225,6 @@ class DropPredictor:
         config = self.config.with_overrides(request_overrides(features))
         n = request.num_prompt_tokens
         return RequestInfo(request.request_id, n, config, 0, n, request.prompt_token_ids, media)
-
-    def _schedule(self, config: ReductionConfig) -> Schedule:
-        key = config.model_dump_json()
-        if key not in self._schedules:
-            self._schedules[key] = build_schedule(self.pattern, config)
-        return self._schedules[key]
 
 
 class StageScheduler(Scheduler):

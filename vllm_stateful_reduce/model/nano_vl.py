@@ -42,7 +42,7 @@ from .evs import evs_video_embeddings
 from .hf_config import NemotronNanoVLConfig, NemotronNanoVLSourceConfig, radio_config_from
 from .processing import NanoVLDummyInputsBuilder, NanoVLMultiModalProcessor, NanoVLProcessingInfo, video_token_ids
 from .reduced_stack import ReducibleNemotronHForCausalLM
-from .tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SpecialTokens, prompt_markers
+from .tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, SpecialTokens
 
 logger = init_logger(__name__)
 register_source_model_type(NemotronNanoVLSourceConfig)  # this process loads the plugin's model
@@ -119,7 +119,6 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
                 stale,
                 tokens.image_context,
             )
-        markers = prompt_markers(self.tokenizer)
         text_vllm_config = vllm_config.with_hf_config(config.text_config, architectures=["NemotronHForCausalLM"])
         language_prefix = maybe_prefix(prefix, "language_model")
         with (
@@ -127,7 +126,7 @@ class NemotronNanoVLStatefulReduce(nn.Module, HasInnerState, IsHybrid, SupportsM
             set_current_vllm_config(text_vllm_config, prefix=language_prefix),
         ):
             self.language_model = ReducibleNemotronHForCausalLM(
-                vllm_config=text_vllm_config, prefix=language_prefix, prompt_markers=markers
+                vllm_config=text_vllm_config, prefix=language_prefix, prompt_markers=tokens.markers()
             )
         dtype = vllm_config.model_config.dtype
         with tower_model_part(self, vllm_config, {"image", "video"}):

@@ -33,11 +33,11 @@ from ..adapter import stage_metadata as md
 from ..adapter.kv_stages import declare_stage, frees_dropped_kv
 from ..adapter.mixer_taps import nemotron_h_stack
 from ..adapter.stage_metadata import attention_backend_problem, install_layer_metadata, stage_builders
-from ..config import ReductionConfig, from_additional_config
+from ..config import from_additional_config
 from ..log import ReasonRateLimit, local_first_rank
 from ..metrics import ReductionMetrics
 from ..plan import DevicePlan, PromptMarkers, StepPlan, plan_step
-from ..schedule import SCORING_KINDS, Schedule, boundary_blocks, build_schedule
+from ..schedule import SCORING_KINDS, Schedules, boundary_blocks, stage_of
 from ..selection import Kept, compact, top_k
 from ..state import ReductionState, RunnerBatch
 from ..timing import PhaseTimer
@@ -65,7 +65,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         self._log_limit = ReasonRateLimit()
         self.batch = RunnerBatch()  # set by the runner glue before each forward
         self.attention_groups: tuple[md.StageBuilders, ...] | None = None  # bound by the runner glue
-        self._schedules: dict[str, Schedule] = {}  # by config; a schedule is a bisection
+        self._schedule = Schedules(self.pattern)
         self.stage_layers = self._layers_by_stage()
         if frees_dropped_kv(vllm_config):
             self._declare_kv_stages()
@@ -199,7 +199,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         attention: list[set[str]] = [set() for _ in range(len(self.boundaries) + 1)]
         mamba: list[list[str]] = [[] for _ in range(len(self.boundaries) + 1)]
         for block, layer in enumerate(self.layers):
-            stage = self._stage_of(block)
+            stage = stage_of(block, self.boundaries)
             if isinstance(layer, NemotronHAttentionDecoderLayer):
                 attention[stage].add(layer.mixer.attn.layer_name)
             elif isinstance(layer, NemotronHMambaDecoderLayer):
@@ -211,16 +211,7 @@ class ReducibleNemotronHModel(NemotronHModel):
         stage's blocks on its own (adapter/kv_stages.py)."""
         for block, layer in enumerate(self.layers):
             if isinstance(layer, NemotronHAttentionDecoderLayer):
-                declare_stage(layer.mixer.attn, self._stage_of(block))
-
-    def _stage_of(self, block: int) -> int:
-        return sum(boundary < block for boundary in self.boundaries)
-
-    def _schedule(self, config: ReductionConfig) -> Schedule:
-        key = config.model_dump_json()
-        if key not in self._schedules:
-            self._schedules[key] = build_schedule(self.pattern, config)
-        return self._schedules[key]
+                declare_stage(layer.mixer.attn, stage_of(block, self.boundaries))
 
     def _scores_block(self, block: int) -> bool:
         kind = SCORING_KINDS.get(self.pattern[block])

@@ -54,8 +54,11 @@ class SpecialTokens:
         blank = frozenset(t for text in WHITESPACE for t in ids(text) if not tokenizer.decode([t]).strip())
         return cls(context, start, end, video, turn_end, blank)
 
+    def markers(self) -> PromptMarkers:
+        """What the reduction planner reads a prompt by."""
+        return PromptMarkers(self.image_context, self.turn_end, self.blank)
+
 
 def prompt_markers(tokenizer: Any) -> PromptMarkers:
     """What the reduction planner reads a prompt by, from the checkpoint's tokenizer."""
-    tokens = SpecialTokens.from_tokenizer(tokenizer)
-    return PromptMarkers(tokens.image_context, tokens.turn_end, tokens.blank)
+    return SpecialTokens.from_tokenizer(tokenizer).markers()
